@@ -1,0 +1,335 @@
+"""Run megatron-core 0.16.1, unchanged, on a CPU-only machine with torch.distributed on gloo.
+
+megatron-core assumes CUDA everywhere: ~175 ``torch.cuda.current_device()`` calls used as a
+``device=`` argument, ``device="cuda"`` literals in the optimizer and schedules, ``.cuda()``
+calls, ``param.type() == 'torch.cuda.FloatTensor'`` checks, the CUDA RNG tracker, CUDA
+streams/events in the alltoall token dispatcher, NVTX ranges, and a ``te_general_gemm`` name
+that is only bound when TransformerEngine imports. Rather than fork it, this module answers
+each assumption at the narrowest seam that covers it:
+
+1. ``_CpuDeviceMode`` (a ``TorchFunctionMode``): every torch call that names a CUDA device
+   (``device="cuda"``, ``device=0``, ``torch.device("cuda", i)``, ``.to("cuda")``, ``.cuda()``)
+   gets the CPU instead, and ``Tensor.type()`` reports CPU tensors under their
+   ``torch.cuda.*Tensor`` names. It costs ~1 µs per torch call from Python (see
+   ``benchmarks/platform_overhead.py``) and nothing in autograd's backward, which runs in C++.
+2. ``torch.cuda`` stand-ins: ``current_device``/``set_device``/``synchronize``/streams/events/
+   NVTX/peak-memory calls become CPU no-ops, and the CUDA RNG API is served by the CPU
+   generator, so megatron's model-parallel RNG tracker forks the CPU RNG. ``is_available()``
+   stays ``False`` and ``Tensor.is_cuda`` stays honest, so code that checks for CUDA still
+   takes its CPU path.
+3. megatron-core module fixes, each named with the line it answers (see ``_patch_megatron``).
+4. ``torch.distributed.all_to_all_single``: gloo only accepts ``list[int]`` split sizes, while
+   megatron's alltoall dispatcher passes CPU tensors/numpy arrays (it moves the splits to host
+   only when they are CUDA tensors, ``moe_utils.maybe_move_tensor_to_cpu``).
+
+Everything here is installed by :func:`install` only when CUDA is unavailable; on a GPU
+machine none of it runs. Threads do not inherit torch function modes, so threads that run
+megatron code (e.g. checkpoint writers) enter the mode themselves via ``threading.Thread.run``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+
+# Legacy tensor-type names megatron compares against (optimizer.py:690, distrib_optimizer.py:420,
+# clip_grads.py:167): the CPU names map to the CUDA ones on this platform.
+_CUDA_TYPE_NAME = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+    "torch.ByteTensor": "torch.cuda.ByteTensor",
+    "torch.BoolTensor": "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    """True for anything torch would read as a CUDA device: 'cuda', 'cuda:1', 0, torch.device('cuda')."""
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device parsing (torch.cuda.current_device() → 0).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _to_cpu_args(args: tuple) -> tuple:
+    """``Tensor.to(device, ...)`` / ``Tensor.to(0)``: replace a positional CUDA device."""
+    if len(args) > 1 and _is_cuda_device(args[1]):
+        return (args[0], _CPU) + tuple(args[2:])
+    return args
+
+
+class _CpuDeviceMode(TorchFunctionMode):
+    """Redirect CUDA device requests to the CPU (answers megatron's device='cuda' literals and
+    ``device=torch.cuda.current_device()`` arguments, ~220 call sites)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None and _is_cuda_device(device):
+                kwargs["device"] = _CPU
+                kwargs.pop("pin_memory", None)
+        if func in _SPECIAL:
+            return _SPECIAL[func](func, args, kwargs or {})
+        if kwargs:
+            return func(*args, **kwargs)
+        return func(*args)
+
+
+def _tensor_cuda(func, args, kwargs):
+    # Tensor.cuda() → the tensor itself (it already lives on the only device we have).
+    return args[0]
+
+
+def _tensor_to(func, args, kwargs):
+    return func(*_to_cpu_args(args), **kwargs)
+
+
+def _tensor_type(func, args, kwargs):
+    out = func(*args, **kwargs)
+    if len(args) == 1 and not kwargs and isinstance(out, str):
+        return _CUDA_TYPE_NAME.get(out, out)
+    return out
+
+
+def _record_stream(func, args, kwargs):
+    # Tensor.record_stream(torch.cuda.current_stream()) (moe_utils.py:1097): no streams on CPU.
+    return None
+
+
+def _pin_memory(func, args, kwargs):
+    # Pinned host memory needs a CUDA driver; plain CPU memory is what pinning would give us.
+    return args[0]
+
+
+_SPECIAL: dict[Callable, Callable] = {
+    torch.Tensor.cuda: _tensor_cuda,
+    torch.Tensor.to: _tensor_to,
+    torch.Tensor.type: _tensor_type,
+    torch.Tensor.record_stream: _record_stream,
+    torch.Tensor.pin_memory: _pin_memory,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# torch.cuda stand-ins
+# --------------------------------------------------------------------------------------------
+class _Event:
+    """CPU stand-in for torch.cuda.Event: records wall-clock time so elapsed_time() is real."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._t: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._t = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def elapsed_time(self, end: "_Event") -> float:
+        if self._t is None or end._t is None:
+            raise RuntimeError("elapsed_time: both events must be recorded first")
+        return (end._t - self._t) * 1e3
+
+
+class _Stream:
+    """CPU stand-in for torch.cuda.Stream: work on the CPU is already ordered."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any):
+        self.device = _CPU
+        self.priority = priority
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: _Event | None = None) -> _Event:
+        event = event or _Event()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Stream)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_DEFAULT_STREAM = _Stream()
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _cuda_get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cuda_set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cuda_manual_seed(seed: int) -> None:
+    # Seed the CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    """Give ``torch.cuda`` CPU meanings for the calls megatron makes unconditionally.
+
+    ``is_available()`` and ``device_count()`` are left alone on purpose: they are how
+    megatron and torch decide between their CUDA and CPU code paths.
+    """
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.set_device = _noop
+    cuda.synchronize = _noop
+    cuda.Stream = _Stream
+    cuda.Event = _Event
+    cuda.ExternalStream = _Stream
+    cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    cuda.default_stream = lambda device=None: _DEFAULT_STREAM
+    cuda.set_stream = _noop
+    cuda.stream = lambda stream=None: contextlib.nullcontext(stream)
+    cuda.reset_peak_memory_stats = _noop
+    cuda.reset_max_memory_allocated = _noop
+    cuda.nvtx.range_push = lambda msg: 0
+    cuda.nvtx.range_pop = lambda: 0
+    cuda.nvtx.mark = _noop
+    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+    # CUDA RNG API → the CPU generator. megatron's CudaRNGStatesTracker (tensor_parallel/random.py
+    # :235-240, :250-277) then forks the CPU RNG for model-parallel regions (dropout, init).
+    cuda.get_rng_state = _cuda_get_rng_state
+    cuda.set_rng_state = _cuda_set_rng_state
+    cuda.random.get_rng_state = _cuda_get_rng_state
+    cuda.random.set_rng_state = _cuda_set_rng_state
+    cuda.manual_seed = _cuda_manual_seed
+    cuda.manual_seed_all = _cuda_manual_seed
+    cuda.random.manual_seed = _cuda_manual_seed
+    cuda.random.manual_seed_all = _cuda_manual_seed
+    cuda.default_generators = (torch.default_generator,)
+
+
+def _patch_all_to_all() -> None:
+    """gloo's all_to_all_single wants ``list[int]`` split sizes; megatron's alltoall dispatcher
+    passes the splits as CPU tensors or numpy arrays (token_dispatcher.py:695/778,
+    mappings.py:444 ``_AllToAll.forward``)."""
+    original = dist.all_to_all_single
+
+    @functools.wraps(original)
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if output_split_sizes is not None and not isinstance(output_split_sizes, list):
+            output_split_sizes = [int(s) for s in output_split_sizes]
+        if input_split_sizes is not None and not isinstance(input_split_sizes, list):
+            input_split_sizes = [int(s) for s in input_split_sizes]
+        return original(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    dist.all_to_all_single = all_to_all_single
+
+
+def _patch_megatron() -> None:
+    """Fixes inside megatron-core modules, each answering one line of 0.16.1."""
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import moe_utils
+
+    # tensor_parallel/random.py:99-111 `_set_cuda_rng_state` defers the state change through
+    # `torch.cuda._lazy_call`, which on a CPU build queues it for a CUDA init that never comes.
+    mp_random._lazy_call = lambda callback: callback()
+    # moe_utils.py:1192 reads `te_general_gemm`, bound only when TransformerEngine imports (:34).
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+_MODE = _CpuDeviceMode()
+_installed = False
+
+
+def _enter_mode_in_threads() -> None:
+    """Torch function modes are thread-local; megatron runs code in worker threads
+    (dist_checkpointing writers, async collectives), so every new thread enters the mode."""
+    original_run = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        with _CpuDeviceMode():
+            original_run(self)
+
+    threading.Thread.run = run
+
+
+def _enter_mode_in_backward() -> None:
+    """The autograd engine runs ``Function.backward`` with an empty torch-function-mode stack,
+    and megatron's backward passes allocate on ``torch.cuda.current_device()`` too
+    (mappings.py:439 ``_AllToAll`` re-applied in backward at :458). Re-enter the mode there."""
+    from torch.autograd.function import BackwardCFunction
+
+    original_apply = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch._C._len_torch_function_stack() == 0:
+            with _CpuDeviceMode():
+                return original_apply(self, *args)
+        return original_apply(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
+def install() -> None:
+    """Install every CPU patch once. Idempotent; a no-op when CUDA is available."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return
+    _patch_torch_cuda()
+    _patch_all_to_all()
+    _patch_megatron()
+    _enter_mode_in_threads()
+    _enter_mode_in_backward()
+    _MODE.__enter__()
+    _installed = True
+
+
+def installed() -> bool:
+    """Whether the CPU platform layer is active in this process."""
+    return _installed
+
+
+@contextlib.contextmanager
+def suspended():
+    """Temporarily leave the device-redirecting mode (used by the overhead benchmark)."""
+    if not _installed:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield

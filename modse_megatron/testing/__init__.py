@@ -1,0 +1,1 @@
+"""Helpers for testing modse-megatron (and code built on it) on real gloo process groups."""
