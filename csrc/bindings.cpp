@@ -1,0 +1,126 @@
+// Thin pybind11 layer over planner.h: numpy arrays in, a dict of numpy arrays out.
+// All checking of Python-level types happens in modse_megatron/placement/plan.py; the C++ core
+// re-validates values and throws std::invalid_argument, which pybind11 raises as ValueError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "planner.h"
+
+namespace py = pybind11;
+namespace mp = modse_planner;
+
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+namespace {
+
+py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray> previous,
+                    int num_ranks, int ranks_per_node, int balance, double bytes_per_param,
+                    double move_slack, int exact_max_experts, int64_t exact_node_budget,
+                    int num_threads) {
+  if (loads.ndim() != 2) throw std::invalid_argument("loads must be a 2-D array [layers, experts]");
+  const int L = static_cast<int>(loads.shape(0));
+  const int n = static_cast<int>(loads.shape(1));
+  if (sizes.ndim() != 2 || sizes.shape(1) != n || (sizes.shape(0) != 1 && sizes.shape(0) != L))
+    throw std::invalid_argument("sizes must be [1 or layers, experts] matching loads");
+  if (previous && (previous->ndim() != 2 || previous->shape(0) != L || previous->shape(1) != n))
+    throw std::invalid_argument("previous must be [layers, experts] matching loads");
+  if (balance != 0 && balance != 1) throw std::invalid_argument("balance must be 0 or 1");
+  mp::Options o;
+  o.num_ranks = num_ranks;
+  o.ranks_per_node = ranks_per_node;
+  o.balance = static_cast<mp::Balance>(balance);
+  o.bytes_per_param = bytes_per_param;
+  o.move_slack = move_slack;
+  o.exact_max_experts = exact_max_experts;
+  o.exact_node_budget = exact_node_budget;
+  mp::validate_options(n, o);
+
+  std::vector<mp::LayerPlan> plans;
+  {
+    py::gil_scoped_release release;  // pointers stay valid: the arrays are held by the caller
+    plans = mp::solve_batch(sizes.data(), static_cast<int>(sizes.shape(0)), loads.data(),
+                            previous ? previous->data() : nullptr, L, n, o, num_threads);
+  }
+  const int R = num_ranks;
+  const int N = ranks_per_node > 0 ? R / ranks_per_node : 1;
+  IntArray rank_of_expert({L, n});
+  py::array_t<double> compute({L, R}), memory({L, R}), inflow({L, N});
+  py::array_t<double> max_compute(L), lower_bound(L), moved(L), inflow_bound(L);
+  py::array_t<bool> optimal(L), paired(L);
+  py::array_t<int32_t> method(L);
+  auto roe = rank_of_expert.mutable_unchecked<2>();
+  auto cpr = compute.mutable_unchecked<2>();
+  auto mpr = memory.mutable_unchecked<2>();
+  auto nin = inflow.mutable_unchecked<2>();
+  for (int l = 0; l < L; ++l) {
+    const mp::LayerPlan& p = plans[l];
+    for (int e = 0; e < n; ++e) roe(l, e) = p.rank_of_expert[e];
+    for (int r = 0; r < R; ++r) {
+      cpr(l, r) = p.compute_per_rank[r];
+      mpr(l, r) = p.memory_per_rank[r];
+    }
+    for (int q = 0; q < N; ++q) nin(l, q) = p.node_inflow[q];
+    max_compute.mutable_at(l) = p.max_compute;
+    lower_bound.mutable_at(l) = p.lower_bound;
+    moved.mutable_at(l) = p.moved_bytes;
+    inflow_bound.mutable_at(l) = p.node_inflow_bound;
+    optimal.mutable_at(l) = p.optimal;
+    paired.mutable_at(l) = p.paired;
+    method.mutable_at(l) = static_cast<int32_t>(p.method);
+  }
+  py::dict out;
+  out["rank_of_expert"] = rank_of_expert;
+  out["compute_per_rank"] = compute;
+  out["memory_per_rank"] = memory;
+  out["node_inflow"] = inflow;
+  out["max_compute"] = max_compute;
+  out["lower_bound"] = lower_bound;
+  out["moved_bytes"] = moved;
+  out["node_inflow_bound"] = inflow_bound;
+  out["optimal"] = optimal;
+  out["paired"] = paired;
+  out["method"] = method;
+  return out;
+}
+
+std::vector<double> to_vector(const DoubleArray& a) {
+  if (a.ndim() != 1) throw std::invalid_argument("expected a 1-D array");
+  return std::vector<double>(a.data(), a.data() + a.shape(0));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_planner, m) {
+  m.doc() = "C++17 expert placement planner (torch-free); use modse_megatron.placement instead.";
+  m.def("plan_batch", &plan_batch, py::arg("sizes"), py::arg("loads"), py::arg("previous"),
+        py::arg("num_ranks"), py::arg("ranks_per_node"), py::arg("balance"),
+        py::arg("bytes_per_param"), py::arg("move_slack"), py::arg("exact_max_experts"),
+        py::arg("exact_node_budget"), py::arg("num_threads"),
+        "Plan many layers; returns a dict of numpy arrays (see plan.py).");
+  m.def(
+      "cardinality_lower_bound",
+      [](DoubleArray w, int num_ranks, int per_rank) {
+        return mp::cardinality_lower_bound(to_vector(w), num_ranks, per_rank);
+      },
+      py::arg("weights"), py::arg("num_ranks"), py::arg("per_rank"),
+      "Average / pigeonhole lower bound on max bin sum for R bins of exactly k items.");
+  m.def(
+      "balanced_packing",
+      [](DoubleArray w, int num_ranks, int per_rank) {
+        const std::vector<double> v = to_vector(w);
+        if (num_ranks <= 0 || per_rank <= 0 || static_cast<int>(v.size()) != num_ranks * per_rank)
+          throw std::invalid_argument("need len(weights) == num_ranks * per_rank");
+        return mp::lpt_cardinality(v, num_ranks, per_rank);
+      },
+      py::arg("weights"), py::arg("num_ranks"), py::arg("per_rank"),
+      "LPT with cardinality (EPLB balanced_packing); bin of each item.");
+  m.def(
+      "detect_pairs",
+      [](DoubleArray sizes) {
+        const mp::PairStructure ps = mp::detect_pairs(to_vector(sizes));
+        return py::make_tuple(ps.found, ps.pair_sum);
+      },
+      py::arg("sizes"), "(found, pair_sum): do sizes form complementary pairs?");
+}

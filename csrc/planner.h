@@ -1,0 +1,225 @@
+// The planner: one MoE layer at a time (layers are independent), many layers per call.
+//
+// Per layer, goals in order (see planner_common.h for the vocabulary):
+//   1. memory:   paired mode keeps complementary pairs together -> equal memory per rank;
+//   2. compute:  minimise max_r sum_{e on r} t[e] * s[e] (exact for k <= 2 and small n);
+//   3. nodes:    balance token inflow per node without raising max compute (hierarchy.h);
+//   4. moves:    among plans equally good on 1-3, move the fewest bytes from `previous`
+//                (warm start from it + relabelling, relabel.h).
+// Redundant expert replicas are not planned (each expert lives on exactly one rank).
+#pragma once
+
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "planner_bounds.h"
+#include "planner_exact.h"
+#include "planner_heuristic.h"
+#include "planner_hierarchy.h"
+#include "planner_pairs.h"
+#include "planner_relabel.h"
+
+namespace modse_planner {
+
+namespace detail {
+
+struct Candidate {
+  std::vector<int> bin_of;
+  double value = 0.0;
+  Method method = Method::kHeuristic;
+};
+
+struct Layer {
+  const Options& o;
+  int n, R, k, g, N;
+  std::vector<double> s, t, w;
+  std::vector<int> desc;  // experts by compute, heaviest first: sorted once, shared
+  const int* previous;
+  PairStructure ps;
+  bool paired = false;
+  const std::vector<int>* cls = nullptr;
+  int max_iters;
+
+  // shared: the pair structure of these sizes when the caller already knows it (batched
+  // layers sharing one size row detect it once).
+  Layer(const double* sizes, const double* loads, const int* prev, int n_, const Options& opt,
+        const PairStructure* shared)
+      : o(opt), n(n_), R(opt.num_ranks), k(n_ / opt.num_ranks),
+        g(opt.ranks_per_node > 0 ? opt.ranks_per_node : opt.num_ranks), N(R / g),
+        s(sizes, sizes + n_), t(loads, loads + n_), w(n_), previous(prev),
+        max_iters(2 * n_ + 64) {
+    for (int e = 0; e < n; ++e) w[e] = t[e] * s[e];
+    desc = order_desc(w);
+    const bool all_equal = *std::max_element(s.begin(), s.end()) ==
+                           *std::min_element(s.begin(), s.end());
+    // Equal sizes need no pairing: memory is equal whatever the plan, so don't constrain it.
+    if (opt.balance == Balance::kMemoryThenCompute && k % 2 == 0 && !all_equal) {
+      ps = shared ? *shared : detect_pairs(s);
+      paired = ps.found;
+    }
+    if (paired) cls = &ps.cls;
+  }
+
+  double lower_bound() const {
+    double lb = cardinality_lower_bound(w, R, k, &desc);
+    if (paired) lb = std::max(lb, paired_partner_bound(w, ps.cls, ps.comp, k, &desc));
+    return lb;
+  }
+
+  // The best plan we can find from scratch; `proven` = its value is the optimum.
+  Candidate fresh(double lb, bool& proven) const {
+    Candidate c;
+    proven = true;
+    if (k == 1) {
+      c.bin_of = one_per_bin(n);
+      c.method = Method::kOneExpertPerRank;
+    } else if (k == 2) {
+      c.bin_of = paired ? paired_exact_k2(w, ps, &desc) : exact_k2(w, &desc);
+      c.method = Method::kExactPairing;
+    } else {
+      double v = 0.0;
+      const double target = lb * (1.0 + o.good_enough);
+      c.bin_of = paired ? paired_heuristic(w, ps, s, R, k, target, max_iters, &v, &desc)
+                        : heuristic_partition(w, R, k, target, max_iters, &v, &desc);
+      c.method = Method::kHeuristic;
+      proven = v <= lb + eps_of(lb);
+      if (!proven && n <= o.exact_max_experts) {
+        BranchAndBound bnb(w, paired ? &s : nullptr, paired ? ps.pair_sum : 0.0, R, k,
+                           o.exact_node_budget);
+        proven = bnb.run(c.bin_of, v, lb);
+        if (proven) c.method = Method::kBranchAndBound;
+      }
+    }
+    c.value = max_of(bin_sums(w, c.bin_of, R));
+    return c;
+  }
+
+  // Swap descent from the previous placement, if that placement is a valid plan here.
+  bool warm(double lb, Candidate& c) const {
+    if (!previous) return false;
+    std::vector<int> prev(previous, previous + n);
+    if (!counts_are(prev, R, k)) return false;
+    if (paired && !bins_are_pairs(s, prev, R, k, ps.pair_sum)) return false;
+    Bins bins(w, prev, R, k);
+    const double target = lb * (1.0 + o.good_enough);
+    c.value = paired ? paired_descent(w, s, ps, bins, target, max_iters)
+                     : swap_descent(w, bins, target, max_iters);
+    c.bin_of = bins.bin_of;
+    c.method = Method::kPrevious;
+    return true;
+  }
+
+  // Node stage, rank labels and all reported numbers for one candidate.
+  LayerPlan finish(Candidate c) const {
+    LayerPlan p;
+    std::vector<int> node_of_bin(R, 0);
+    if (N > 1) {
+      std::vector<double> bin_inflow = bin_sums(t, c.bin_of, R);
+      std::vector<int> initial(R);
+      for (int b = 0; b < R; ++b) initial[b] = b / g;  // a warm candidate's bins are old ranks
+      node_of_bin = group_bins_into_nodes(bin_inflow, N, g,
+                                          c.method == Method::kPrevious ? &initial : nullptr,
+                                          max_iters);
+      p.node_inflow_bound = cardinality_lower_bound(t, N, k * g);
+      refine_node_inflow(t, w, cls, c.bin_of, node_of_bin, R, N, c.value, p.node_inflow_bound,
+                         max_iters);
+    } else {
+      for (double x : t) p.node_inflow_bound += x;
+    }
+    const std::vector<int> rank_of_bin = relabel_bins(c.bin_of, node_of_bin, s, previous, R, g);
+    p.rank_of_expert.resize(n);
+    for (int e = 0; e < n; ++e) p.rank_of_expert[e] = rank_of_bin[c.bin_of[e]];
+    p.compute_per_rank = bin_sums(w, p.rank_of_expert, R);
+    p.memory_per_rank = bin_sums(s, p.rank_of_expert, R);
+    p.node_inflow.assign(N, 0.0);
+    for (int e = 0; e < n; ++e) p.node_inflow[p.rank_of_expert[e] / g] += t[e];
+    p.max_compute = max_of(p.compute_per_rank);
+    for (int e = 0; e < n && previous; ++e)
+      if (p.rank_of_expert[e] != previous[e]) p.moved_bytes += s[e] * o.bytes_per_param;
+    p.paired = paired;
+    p.method = c.method;
+    return p;
+  }
+};
+
+}  // namespace detail
+
+inline LayerPlan solve_layer(const double* sizes, const double* loads, const int* previous, int n,
+                             const Options& o, const std::string& where = "",
+                             const PairStructure* shared_pairs = nullptr) {
+  validate_options(n, o);
+  validate_layer(sizes, loads, previous, n, o, where);
+  detail::Layer layer(sizes, loads, previous, n, o, shared_pairs);
+  double lb = layer.lower_bound();
+  bool proven = false;
+  std::vector<detail::Candidate> candidates{layer.fresh(lb, proven)};
+  if (proven) lb = std::max(lb, candidates[0].value);  // exactness proves opt >= value
+  detail::Candidate warm;
+  if (layer.warm(lb, warm)) candidates.push_back(std::move(warm));
+
+  double best_value = candidates[0].value;
+  for (const auto& c : candidates) best_value = std::min(best_value, c.value);
+  const double accept = best_value * (1.0 + o.move_slack) + eps_of(best_value);
+  LayerPlan best;
+  bool have = false;
+  for (const auto& c : candidates) {
+    if (c.value > accept) continue;
+    LayerPlan p = layer.finish(c);
+    const bool better = !have || p.moved_bytes < best.moved_bytes ||
+                        (p.moved_bytes == best.moved_bytes && p.max_compute < best.max_compute);
+    if (better) {
+      best = std::move(p);
+      have = true;
+    }
+  }
+  best.lower_bound = lb;
+  best.optimal = best.max_compute <= lb + eps_of(lb) + 1e-300;
+  return best;
+}
+
+// Plans L layers.  sizes has 1 row (shared) or L rows; loads and previous (optional) L rows.
+// Inputs are validated up front so worker threads never throw on bad input.
+inline std::vector<LayerPlan> solve_batch(const double* sizes, int size_rows, const double* loads,
+                                          const int* previous, int L, int n, const Options& o,
+                                          int num_threads) {
+  validate_options(n, o);
+  auto where = [&](int l) { return L > 1 ? "layer " + std::to_string(l) + ": " : std::string(); };
+  auto row = [&](int l) { return sizes + static_cast<size_t>(size_rows == 1 ? 0 : l) * n; };
+  auto prev = [&](int l) { return previous ? previous + static_cast<size_t>(l) * n : nullptr; };
+  for (int l = 0; l < L; ++l)
+    validate_layer(row(l), loads + static_cast<size_t>(l) * n, prev(l), n, o, where(l));
+
+  const bool shared = size_rows == 1 && L > 1;
+  const PairStructure pairs = shared ? detect_pairs(std::vector<double>(sizes, sizes + n))
+                                     : PairStructure();
+  std::vector<LayerPlan> plans(L);
+  std::atomic<int> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&]() {
+    for (int l = next++; l < L; l = next++) {
+      try {
+        plans[l] = solve_layer(row(l), loads + static_cast<size_t>(l) * n, prev(l), n, o, where(l),
+                               shared ? &pairs : nullptr);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  };
+  if (num_threads <= 0) {  // threads only pay off when there is real work to split
+    const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    num_threads = static_cast<int64_t>(L) * n >= 4096 ? std::min(hw, L) : 1;
+  }
+  num_threads = std::max(1, std::min(num_threads, L));
+  std::vector<std::thread> pool;
+  for (int i = 1; i < num_threads; ++i) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
+  return plans;
+}
+
+}  // namespace modse_planner

@@ -1,0 +1,163 @@
+// Shared vocabulary of the expert placement planner: options, the per-layer plan, input
+// validation and the small numeric helpers every algorithm header uses.
+//
+// The planner is torch-free C++17 so it can run inside the trainer, in a CLI, or offline on
+// routing statistics without a GPU stack.  Each algorithm lives in its own header
+// (bounds, heuristic, exact, pairs, hierarchy, relabel) and includes only this one; planner.h
+// composes them and bindings.cpp exposes planner.h to Python.
+//
+// Vocabulary used throughout:
+//   expert e   : s[e] = size (parameter count or FFN width), t[e] = measured token load,
+//                w[e] = t[e] * s[e] = compute the expert costs its rank.
+//   bin        : an unlabelled group of exactly k experts; a plan is a partition into R bins.
+//                Which physical rank a bin lands on is decided last (relabel.h), because
+//                permuting bins changes no quality measure, only the bytes moved.
+//   item       : what an algorithm packs — an expert, or a complementary pair of experts.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace modse_planner {
+
+// What "balanced" means for a layer; the order of goals is memory, compute, node inflow, moves.
+enum class Balance : int {
+  // Equal memory per rank wherever the sizes allow it by construction (complementary pairs
+  // and an even k: pairs are kept together), then minimal max compute.
+  kMemoryThenCompute = 0,
+  // Minimal max compute under the cardinality constraint only; memory is just reported.
+  kCompute = 1,
+};
+
+// How a plan was obtained; decides whether `optimal` is a proof.
+enum class Method : int {
+  kOneExpertPerRank = 0,  // k = 1: all partitions are equal up to labels (exact)
+  kExactPairing = 1,      // k = 2: largest with smallest, per size class when paired (exact)
+  kBranchAndBound = 2,    // exhaustive search completed (exact)
+  kHeuristic = 3,         // LPT / balanced differencing + swap descent
+  kPrevious = 4,          // descent from the previous placement: as good, fewer bytes moved
+};
+
+struct Options {
+  int num_ranks = 1;
+  int ranks_per_node = 0;  // 0 = all ranks on one node (no hierarchy)
+  Balance balance = Balance::kMemoryThenCompute;
+  int exact_max_experts = 16;          // run branch and bound when n <= this
+  int64_t exact_node_budget = 400000;  // nodes before branch and bound gives up (not a proof)
+  double bytes_per_param = 1.0;        // moved_bytes = sum of sizes * bytes_per_param
+  double move_slack = 0.0;             // accept a plan this much (relative) worse to move less
+  // Local search stops within this relative distance of the lower bound: the last 0.01% costs
+  // most of the iterations on near-uniform layers and is far below measurement noise.
+  double good_enough = 1e-4;
+};
+
+struct LayerPlan {
+  std::vector<int> rank_of_expert;
+  std::vector<double> compute_per_rank, memory_per_rank, node_inflow;
+  double max_compute = 0.0;
+  double lower_bound = 0.0;  // proven: no valid plan of the same problem has a smaller max
+  double node_inflow_bound = 0.0;
+  double moved_bytes = 0.0;
+  bool optimal = false;
+  bool paired = false;  // complementary pairs kept together -> memory exactly equal
+  Method method = Method::kHeuristic;
+};
+
+[[noreturn]] inline void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+inline std::string num_str(double x) {
+  std::ostringstream os;
+  os << x;
+  return os.str();
+}
+
+// Validation mirrors the Python wrapper so the core is safe on its own: every message is one
+// line that names the problem and the fix.
+inline void validate_options(int n, const Options& o) {
+  if (o.num_ranks <= 0)
+    fail("num_ranks=" + std::to_string(o.num_ranks) + " must be a positive integer");
+  if (n <= 0) fail("no experts given: pass at least one size per layer");
+  if (n % o.num_ranks != 0)
+    fail("num_experts=" + std::to_string(n) + " is not divisible by num_ranks=" +
+         std::to_string(o.num_ranks) + ": choose num_ranks that divides the expert count");
+  if (o.ranks_per_node < 0 || (o.ranks_per_node > 0 && o.num_ranks % o.ranks_per_node != 0))
+    fail("ranks_per_node=" + std::to_string(o.ranks_per_node) + " does not divide num_ranks=" +
+         std::to_string(o.num_ranks) + ": use a divisor of num_ranks (GPUs per node)");
+  if (!(o.bytes_per_param > 0.0) || !std::isfinite(o.bytes_per_param))
+    fail("bytes_per_param must be a positive finite number");
+  if (!(o.move_slack >= 0.0) || !std::isfinite(o.move_slack))
+    fail("move_slack must be a finite number >= 0");
+}
+
+inline void validate_layer(const double* sizes, const double* loads, const int* previous, int n,
+                           const Options& o, const std::string& where) {
+  for (int e = 0; e < n; ++e) {
+    if (!std::isfinite(sizes[e]) || sizes[e] <= 0.0)
+      fail(where + "sizes[" + std::to_string(e) + "]=" + num_str(sizes[e]) +
+           " is invalid: sizes must be positive finite numbers");
+    if (!std::isfinite(loads[e]) || loads[e] < 0.0)
+      fail(where + "loads[" + std::to_string(e) + "]=" + num_str(loads[e]) +
+           " is invalid: loads must be finite numbers >= 0");
+    if (previous && (previous[e] < 0 || previous[e] >= o.num_ranks))
+      fail(where + "previous[" + std::to_string(e) + "]=" + std::to_string(previous[e]) +
+           " is not a rank in [0, " + std::to_string(o.num_ranks) + ")");
+  }
+}
+
+// Tolerance for "strictly better": sums of a few thousand doubles are exact to ~1e-13.
+inline double eps_of(double scale) { return 1e-12 * std::max(std::fabs(scale), 1e-300); }
+
+// Indices sorted by key (descending or ascending); ties in index order, i.e. a stable sort
+// (deterministic plans, and the same order as numpy's stable argsort in the EPLB baseline),
+// done with std::sort and an index tie-break because that is ~2x faster than stable_sort.
+inline std::vector<int> order_by(const std::vector<double>& key, bool descending) {
+  std::vector<int> idx(key.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  if (descending)
+    std::sort(idx.begin(), idx.end(),
+              [&](int a, int b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+  else
+    std::sort(idx.begin(), idx.end(),
+              [&](int a, int b) { return key[a] < key[b] || (key[a] == key[b] && a < b); });
+  return idx;
+}
+
+inline std::vector<int> order_desc(const std::vector<double>& w) { return order_by(w, true); }
+
+// A layer sorts its weights once and passes the order down; callers without one get it computed.
+inline const std::vector<int>& desc_or(const std::vector<double>& w, const std::vector<int>* desc,
+                                       std::vector<int>& storage) {
+  if (desc) return *desc;
+  storage = order_desc(w);
+  return storage;
+}
+
+inline std::vector<double> bin_sums(const std::vector<double>& w, const std::vector<int>& bin_of,
+                                    int num_bins) {
+  std::vector<double> s(num_bins, 0.0);
+  for (size_t i = 0; i < w.size(); ++i) s[bin_of[i]] += w[i];
+  return s;
+}
+
+inline double max_of(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end());
+}
+
+inline bool counts_are(const std::vector<int>& bin_of, int num_bins, int per_bin) {
+  std::vector<int> c(num_bins, 0);
+  for (int b : bin_of) {
+    if (b < 0 || b >= num_bins) return false;
+    ++c[b];
+  }
+  for (int x : c)
+    if (x != per_bin) return false;
+  return true;
+}
+
+}  // namespace modse_planner

@@ -1,0 +1,88 @@
+// Hierarchy: balance token inflow per node (groups of ranks sharing a fast interconnect).
+//
+// DeepSeek's EPLB balances nodes first and GPUs second.  Our goals are ordered the other way
+// (memory, then max compute per rank, then node inflow), so the node stage never touches what
+// ranks hold in a way that raises max compute:
+//   1. group the R finished bins into N nodes of g bins, balancing sum(t) per node — a pure
+//      relabelling, so memory and compute per rank are unchanged;
+//   2. swap experts between bins on different nodes when that lowers the busiest node's inflow
+//      and keeps both bins at or below the plan's max compute (and, in paired mode, swaps only
+//      equal-size experts so memory stays equal).
+// Trade-off: node inflow can end above what a nodes-first packing reaches when the compute
+// optimum leaves little freedom; max compute never pays for node balance.
+#pragma once
+
+#include "planner_bounds.h"
+#include "planner_heuristic.h"
+
+namespace modse_planner {
+
+// Node of every bin.  `initial` (optional, e.g. the previous placement's grouping) is kept when
+// it is at least as balanced after descent as a fresh grouping, so re-planning moves less.
+inline std::vector<int> group_bins_into_nodes(const std::vector<double>& bin_inflow, int N, int g,
+                                              const std::vector<int>* initial, int max_iters) {
+  const int R = static_cast<int>(bin_inflow.size());
+  if (N <= 1) return std::vector<int>(R, 0);
+  const double target = cardinality_lower_bound(bin_inflow, N, g);
+  double fresh_value = 0.0;
+  std::vector<int> fresh = heuristic_partition(bin_inflow, N, g, target, max_iters, &fresh_value);
+  if (initial && counts_are(*initial, N, g)) {
+    Bins kept(bin_inflow, *initial, N, g);
+    const double v = swap_descent(bin_inflow, kept, target, max_iters);
+    if (v <= fresh_value + eps_of(fresh_value)) return kept.bin_of;
+  }
+  return fresh;
+}
+
+// Step 2 above: moves expert pairs across nodes under the compute cap, heaviest node first.
+inline void refine_node_inflow(const std::vector<double>& t, const std::vector<double>& w,
+                               const std::vector<int>* cls, std::vector<int>& bin_of,
+                               const std::vector<int>& node_of_bin, int R, int N, double cap,
+                               double target, int max_iters) {
+  if (N <= 1) return;
+  const int n = static_cast<int>(t.size());
+  std::vector<double> inflow(N, 0.0), load(R, 0.0);
+  for (int e = 0; e < n; ++e) {
+    inflow[node_of_bin[bin_of[e]]] += t[e];
+    load[bin_of[e]] += w[e];
+  }
+  const double cap_tol = cap + eps_of(cap);
+  std::vector<int> inside, outside;
+  for (int iter = 0; iter < max_iters; ++iter) {
+    const int A = static_cast<int>(std::max_element(inflow.begin(), inflow.end()) - inflow.begin());
+    const double IA = inflow[A];
+    if (IA <= target + eps_of(target)) break;
+    const double eps = eps_of(IA);
+    inside.clear();
+    outside.clear();
+    for (int e = 0; e < n; ++e) (node_of_bin[bin_of[e]] == A ? inside : outside).push_back(e);
+    double best = IA - eps;
+    int best_a = -1, best_b = -1;
+    for (int a : inside) {
+      const int ra = bin_of[a];
+      for (int b : outside) {
+        const double dt = t[a] - t[b];
+        if (dt <= eps) continue;
+        const double IB = inflow[node_of_bin[bin_of[b]]];
+        const double value = std::max(IA - dt, IB + dt);
+        if (value >= best) continue;
+        if (cls && (*cls)[a] != (*cls)[b]) continue;
+        const double dw = w[a] - w[b];
+        if (load[ra] - dw > cap_tol || load[bin_of[b]] + dw > cap_tol) continue;
+        best = value;
+        best_a = a;
+        best_b = b;
+      }
+    }
+    if (best_a < 0) break;
+    const int ra = bin_of[best_a], rb = bin_of[best_b];
+    const double dt = t[best_a] - t[best_b], dw = w[best_a] - w[best_b];
+    inflow[node_of_bin[ra]] -= dt;
+    inflow[node_of_bin[rb]] += dt;
+    load[ra] -= dw;
+    load[rb] += dw;
+    std::swap(bin_of[best_a], bin_of[best_b]);
+  }
+}
+
+}  // namespace modse_planner

@@ -1,0 +1,191 @@
+// Local search for "R bins of exactly k items, minimise the heaviest bin".
+//
+// Moves exchange items between two bins, so every bin keeps exactly k items:
+//  * singles: one item for one item;
+//  * doubles: two items for two items (k <= 8; for k = 4 this is every way to re-split the
+//    8 items of two bins, since exchanging 3 of 4 is exchanging the other 1).
+// A scanner enumerates the moves of one bin pair into a BestMove; paired mode plugs in its own
+// scanner that only allows moves keeping every bin a union of complementary pairs.
+//  * descend_heaviest: best move between the heaviest bin and any other, repeatedly;
+//  * balance_sweep: when that is stuck, even out every (heaviest i-th, lightest i-th) pair of
+//    bins to reshuffle, then descend again (a few rounds).
+// No move ever raises the largest load, so the result is never worse than the start.
+#pragma once
+
+#include <utility>
+
+#include "planner_common.h"
+
+namespace modse_planner {
+
+// Bin contents with O(1) swaps: items[r*k + slot], bin_of/slot_of per item, load per bin.
+struct Bins {
+  int R = 0, k = 0;
+  std::vector<int> items, bin_of, slot_of;
+  std::vector<double> load;
+
+  Bins(const std::vector<double>& w, const std::vector<int>& assignment, int R_, int k_)
+      : R(R_), k(k_), items(static_cast<size_t>(R_) * k_, -1), bin_of(assignment),
+        slot_of(assignment.size(), 0), load(R_, 0.0) {
+    std::vector<int> fill(R, 0);
+    for (size_t i = 0; i < assignment.size(); ++i) {
+      const int b = assignment[i];
+      slot_of[i] = fill[b];
+      items[static_cast<size_t>(b) * k + fill[b]++] = static_cast<int>(i);
+      load[b] += w[i];
+    }
+  }
+
+  int heaviest() const {
+    return static_cast<int>(std::max_element(load.begin(), load.end()) - load.begin());
+  }
+
+  void swap_items(int a, int b, const std::vector<double>& w) {
+    const int ba = bin_of[a], bb = bin_of[b];
+    const double d = w[a] - w[b];
+    load[ba] -= d;
+    load[bb] += d;
+    std::swap(items[static_cast<size_t>(ba) * k + slot_of[a]],
+              items[static_cast<size_t>(bb) * k + slot_of[b]]);
+    std::swap(bin_of[a], bin_of[b]);
+    std::swap(slot_of[a], slot_of[b]);
+  }
+};
+
+// The best exchange seen so far that moves d from a heavier bin (load hi) to a lighter one
+// (load lo): it helps iff 0 < d < hi - lo, and is better the smaller max(hi - d, lo + d) is.
+struct BestMove {
+  double hi = 0.0, lo = 0.0, eps = 0.0, value = 0.0;
+  int r = -1, partner = -1;  // partner: the lighter bin of the best move
+  int a1 = -1, b1 = -1, a2 = -1, b2 = -1;
+
+  bool worth(double d) const {
+    return d > eps && d < hi - lo - eps && std::max(hi - d, lo + d) < value;
+  }
+  void take(double d, int x1, int y1, int x2 = -1, int y2 = -1) {
+    value = std::max(hi - d, lo + d);
+    partner = r;
+    a1 = x1, b1 = y1, a2 = x2, b2 = y2;
+  }
+  void apply(Bins& bins, const std::vector<double>& w) const {
+    bins.swap_items(a1, b1, w);
+    if (a2 >= 0) bins.swap_items(a2, b2, w);
+  }
+};
+
+// Heaviest-bin descent.  Each accepted move lowers the sorted vector of bin loads
+// lexicographically, so it terminates; max_iters bounds the work anyway.  The 8 lightest bins
+// (likeliest partners) are scanned first and the rest only when they offer nothing, so a stop
+// is still a local optimum over all bins.  scan(h, r, mv) fills mv with moves from h to r;
+// after_move(h, r) lets the scanner refresh its caches.
+template <class Scan, class AfterMove>
+double descend_heaviest(const std::vector<double>& w, Bins& bins, double target, int max_iters,
+                        Scan&& scan, AfterMove&& after_move) {
+  const int R = bins.R;
+  constexpr int kFirst = 8;
+  std::vector<int> order(R);
+  for (int iter = 0; iter < max_iters; ++iter) {
+    const int h = bins.heaviest();
+    BestMove mv;
+    mv.hi = mv.value = bins.load[h];
+    if (mv.hi <= target + eps_of(target)) break;
+    mv.eps = eps_of(mv.hi);
+    mv.value -= mv.eps;
+    std::iota(order.begin(), order.end(), 0);
+    const int first = std::min(kFirst, R);
+    auto lighter = [&](int x, int y) { return bins.load[x] < bins.load[y]; };
+    if (first < R) std::nth_element(order.begin(), order.begin() + first, order.end(), lighter);
+    for (int pass = 0; pass < 2 && mv.partner < 0; ++pass) {
+      for (int i = pass == 0 ? 0 : first; i < (pass == 0 ? first : R); ++i) {
+        mv.r = order[i];
+        mv.lo = bins.load[mv.r];
+        if (mv.r != h && mv.hi - mv.lo > mv.eps) scan(h, mv.r, mv);
+      }
+    }
+    if (mv.partner < 0) break;
+    mv.apply(bins, w);
+    after_move(h, mv.partner);
+  }
+  return max_of(bins.load);
+}
+
+// One balancing pass over pairs of bins, each pair evened out by its best move: all pairs
+// when R <= 32, else the i-th heaviest with the i-th lightest (O(R) pairs).  No load rises
+// above its pair's old maximum, so the overall max never increases; the point is to reshuffle
+// so the heaviest bin finds new partners.  Returns whether anything moved.
+template <class Scan, class AfterMove>
+bool balance_sweep(const std::vector<double>& w, Bins& bins, Scan&& scan, AfterMove&& after_move) {
+  const int R = bins.R;
+  std::vector<int> order(R);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int x, int y) { return bins.load[x] > bins.load[y]; });
+  std::vector<std::pair<int, int>> pairs;
+  if (R <= 32) {
+    for (int i = 0; i < R; ++i)
+      for (int j = R - 1; j > i; --j) pairs.emplace_back(order[i], order[j]);
+  } else {
+    for (int i = 0; i < R / 2; ++i) pairs.emplace_back(order[i], order[R - 1 - i]);
+  }
+  bool moved = false;
+  for (auto [x, y] : pairs) {
+    BestMove mv;
+    const int hi = bins.load[x] >= bins.load[y] ? x : y;
+    mv.r = x + y - hi;
+    mv.hi = bins.load[hi];
+    mv.lo = bins.load[mv.r];
+    mv.eps = eps_of(mv.hi);
+    mv.value = mv.hi - mv.eps;
+    if (mv.hi - mv.lo <= mv.eps) continue;
+    scan(hi, mv.r, mv);
+    if (mv.partner < 0) continue;
+    mv.apply(bins, w);
+    after_move(hi, mv.r);
+    moved = true;
+  }
+  return moved;
+}
+
+// Heaviest-bin descent; when stuck, a balancing sweep and descent again, for a few rounds.
+template <class Scan, class AfterMove>
+double descend(const std::vector<double>& w, Bins& bins, double target, int max_iters, Scan&& scan,
+               AfterMove&& after_move) {
+  constexpr int kRounds = 4;
+  double value = descend_heaviest(w, bins, target, max_iters, scan, after_move);
+  for (int round = 0; round < kRounds && value > target + eps_of(target); ++round) {
+    if (!balance_sweep(w, bins, scan, after_move)) break;
+    const double next = descend_heaviest(w, bins, target, max_iters, scan, after_move);
+    const bool progress = next < value - eps_of(value);
+    value = std::min(value, next);
+    if (!progress) break;
+  }
+  return value;
+}
+
+// Unconstrained exchanges: singles always, doubles when k <= 8 (k^4/4 candidates per pair).
+inline double swap_descent(const std::vector<double>& w, Bins& bins, double target,
+                           int max_iters) {
+  const int k = bins.k;
+  const bool doubles = k <= 8;
+  auto scan = [&](int h, int r, BestMove& mv) {
+    const int* x = &bins.items[static_cast<size_t>(h) * k];
+    const int* y = &bins.items[static_cast<size_t>(r) * k];
+    for (int i = 0; i < k; ++i)
+      for (int j = 0; j < k; ++j) {
+        const double d = w[x[i]] - w[y[j]];
+        if (mv.worth(d)) mv.take(d, x[i], y[j]);
+      }
+    if (!doubles) return;
+    for (int i1 = 0; i1 < k; ++i1)
+      for (int i2 = i1 + 1; i2 < k; ++i2) {
+        const double out = w[x[i1]] + w[x[i2]];
+        for (int j1 = 0; j1 < k; ++j1)
+          for (int j2 = j1 + 1; j2 < k; ++j2) {
+            const double d = out - w[y[j1]] - w[y[j2]];
+            if (mv.worth(d)) mv.take(d, x[i1], y[j1], x[i2], y[j2]);
+          }
+      }
+  };
+  return descend(w, bins, target, max_iters, scan, [](int, int) {});
+}
+
+}  // namespace modse_planner

@@ -1,0 +1,35 @@
+"""Type stub for the C++ planner extension (csrc/bindings.cpp); use plan.py's wrappers."""
+from typing import TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+class _BatchResult(TypedDict):
+    rank_of_expert: npt.NDArray[np.int32]  # [L, n]
+    compute_per_rank: npt.NDArray[np.float64]  # [L, R]
+    memory_per_rank: npt.NDArray[np.float64]  # [L, R]
+    node_inflow: npt.NDArray[np.float64]  # [L, N]
+    max_compute: npt.NDArray[np.float64]  # [L]
+    lower_bound: npt.NDArray[np.float64]  # [L]
+    moved_bytes: npt.NDArray[np.float64]  # [L]
+    node_inflow_bound: npt.NDArray[np.float64]  # [L]
+    optimal: npt.NDArray[np.bool_]  # [L]
+    paired: npt.NDArray[np.bool_]  # [L]
+    method: npt.NDArray[np.int32]  # [L], index into plan.METHODS
+
+def plan_batch(
+    sizes: npt.ArrayLike,  # [1 or L, n] float64
+    loads: npt.ArrayLike,  # [L, n] float64
+    previous: npt.ArrayLike | None,  # [L, n] int32
+    num_ranks: int,
+    ranks_per_node: int,  # 0 = no hierarchy
+    balance: int,  # 0 = memory_then_compute, 1 = compute
+    bytes_per_param: float,
+    move_slack: float,
+    exact_max_experts: int,
+    exact_node_budget: int,
+    num_threads: int,  # 0 = automatic
+) -> _BatchResult: ...
+def cardinality_lower_bound(weights: npt.ArrayLike, num_ranks: int, per_rank: int) -> float: ...
+def balanced_packing(weights: npt.ArrayLike, num_ranks: int, per_rank: int) -> list[int]: ...
+def detect_pairs(sizes: npt.ArrayLike) -> tuple[bool, float]: ...
