@@ -1,0 +1,225 @@
+"""``modse-plan``: plan which rank holds which MoDSE expert, from the command line.
+
+Examples::
+
+    modse-plan --ratios 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 --unit 256 --ranks 4
+    modse-plan --widths 1152,128,1024,256 --loads 10,3,7,9 --ranks 2 --json
+    modse-plan --ratios 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 --unit 256 --repeat 8 \\
+        --loads-from routing.json --ranks 16 --ranks-per-node 8
+
+Prints a readable table by default (rank -> experts, memory, compute, gap) and JSON with
+``--json``.  Bad input exits with status 2 and one line ``modse-plan: error: ...``.
+Torch-free: only numpy and the C++ planner are imported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+import numpy as np
+
+from .plan import (
+    BALANCE_MODES,
+    BatchPlacementPlan,
+    PlacementPlan,
+    plan_placement_batch,
+    widths_from_ratios,
+)
+
+PROG = "modse-plan"
+
+LOADS_FROM_HELP = (
+    "JSON file with measured tokens per expert: a list of numbers (one layer), "
+    '{"loads": [...]} (one layer) or {"layers": [[...], ...]} (one row per MoE layer, planned '
+    "in one batched call)"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {PROG} --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Place MoDSE experts (different FFN widths) on expert-parallel ranks: "
+        "equal memory per rank where the sizes allow it, then minimal max compute, "
+        "balanced node inflow, and fewest bytes moved from a previous placement.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sizes = p.add_mutually_exclusive_group(required=True)
+    sizes.add_argument("--widths", help="expert FFN widths (or parameter counts), e.g. 1152,128")
+    sizes.add_argument(
+        "--ratios",
+        help="MoDSE pairs a:b of a unit width, e.g. 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 (needs --unit)",
+    )
+    p.add_argument("--unit", type=int, help="width of one ratio unit, e.g. 256")
+    p.add_argument("--repeat", type=int, default=1, help="repeat the ratio list N times")
+    loads = p.add_mutually_exclusive_group()
+    loads.add_argument("--loads", help="tokens per expert, comma-separated (default: uniform)")
+    loads.add_argument("--loads-from", metavar="FILE", help=LOADS_FROM_HELP)
+    p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks; divides n")
+    p.add_argument("--ranks-per-node", type=int, help="GPUs per node (balances node inflow)")
+    p.add_argument("--previous", help="current rank of every expert, comma-separated")
+    p.add_argument("--balance", choices=BALANCE_MODES, default=BALANCE_MODES[0])
+    p.add_argument("--bytes-per-param", type=float, default=1.0, help="for moved bytes")
+    p.add_argument(
+        "--move-slack", type=float, default=0.0,
+        help="accept up to this fraction more max compute to move fewer bytes",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--details", action="store_true", help="rank tables for every layer")
+    return p
+
+
+def _load_file(path: str) -> np.ndarray:
+    """Loads as [L, n] from the JSON formats in LOADS_FROM_HELP."""
+    try:
+        data: Any = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read --loads-from {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--loads-from {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if isinstance(data, dict):
+        if "layers" in data:
+            rows = data["layers"]
+        elif "loads" in data:
+            rows = [data["loads"]]
+        else:
+            raise ValueError(f'--loads-from {path}: expected a "loads" or "layers" key')
+    elif isinstance(data, list):
+        rows = [data]
+    else:
+        raise ValueError(f"--loads-from {path}: expected a list or an object")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise ValueError(f'--loads-from {path}: "layers" must be a non-empty list of lists')
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"--loads-from {path}: all layers must have the same number of experts")
+    try:
+        return np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"--loads-from {path}: loads must be numbers") from None
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[float], BatchPlacementPlan]:
+    if args.ratios is not None:
+        if args.unit is None:
+            raise ValueError("--ratios needs --unit (the width of one ratio unit, e.g. --unit 256)")
+        sizes = [float(x) for x in widths_from_ratios(args.ratios, args.unit, args.repeat)]
+    else:
+        if args.unit is not None or args.repeat != 1:
+            raise ValueError("--unit/--repeat only apply to --ratios")
+        sizes = _numbers(args.widths, "--widths")
+    if args.loads_from is not None:
+        loads = _load_file(args.loads_from)
+    elif args.loads is not None:
+        loads = np.asarray([_numbers(args.loads, "--loads")])
+    else:
+        loads = None
+    previous = None if args.previous is None else _ints(args.previous, "--previous")
+    batch = plan_placement_batch(
+        sizes, loads, args.ranks, args.ranks_per_node, previous, balance=args.balance,
+        bytes_per_param=args.bytes_per_param, move_slack=args.move_slack,
+    )
+    return sizes, batch
+
+
+def _g(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def format_plan(plan: PlacementPlan, title: str = "") -> str:
+    """Readable table: rank -> experts, memory, compute; then the quality line."""
+    k, g = plan.experts_per_rank, plan.ranks_per_node
+    lines = [title] if title else []
+    experts = [", ".join(map(str, e)) for e in plan.experts_of_rank]
+    width = max(7, *(len(e) for e in experts))
+    lines.append(f"{'rank':>4}  {'node':>4}  {'experts':<{width}}  {'memory':>10}  {'compute':>12}")
+    for r in range(plan.num_ranks):
+        lines.append(
+            f"{r:>4}  {r // g:>4}  {experts[r]:<{width}}  {_g(plan.memory_per_rank[r]):>10}  "
+            f"{_g(plan.compute_per_rank[r]):>12}"
+        )
+    status = f"optimal ({plan.method})" if plan.optimal else f"not proven optimal ({plan.method})"
+    memory = "memory equal" if plan.memory_balanced else (
+        f"memory {_g(min(plan.memory_per_rank))}..{_g(max(plan.memory_per_rank))}")
+    if plan.paired:
+        memory += " (complementary pairs kept together)"
+    lines.append(
+        f"max compute {_g(plan.max_compute)} | lower bound {_g(plan.lower_bound)} | "
+        f"gap {plan.gap:.3f}% | {status} | {memory} | {k} experts/rank | "
+        f"moved {_g(plan.moved_bytes)} bytes"
+    )
+    if len(plan.node_inflow) > 1:
+        lines.append(
+            f"node inflow: {', '.join(_g(x) for x in plan.node_inflow)} "
+            f"(max {_g(max(plan.node_inflow))}, lower bound {_g(plan.node_inflow_bound)})"
+        )
+    return "\n".join(lines)
+
+
+def format_batch(batch: BatchPlacementPlan, details: bool) -> str:
+    """One summary row per layer (and every rank table with ``details``)."""
+    if len(batch) == 1:
+        return format_plan(batch[0])
+    lines = [f"{'layer':>5}  {'max_compute':>12}  {'lower_bound':>12}  {'gap%':>7}  "
+             f"{'optimal':>7}  {'moved_bytes':>12}  method"]
+    for i in range(len(batch)):
+        p = batch[i]
+        lines.append(
+            f"{i:>5}  {_g(p.max_compute):>12}  {_g(p.lower_bound):>12}  {p.gap:>7.3f}  "
+            f"{str(p.optimal):>7}  {_g(p.moved_bytes):>12}  {p.method}"
+        )
+    lines.append(
+        f"{len(batch)} layers: mean gap {batch.gap.mean():.3f}%, max gap {batch.gap.max():.3f}%, "
+        f"{int(batch.optimal.sum())} proven optimal"
+    )
+    if details:
+        for i in range(len(batch)):
+            lines += ["", format_plan(batch[i], title=f"layer {i}")]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sizes, batch = _plan(args)
+    except ValueError as exc:
+        _fail(str(exc))
+    if args.json:
+        # One layer: the plan itself; many: {"sizes", "layers": [plan, ...]}.
+        layers = [batch[i].to_dict() for i in range(len(batch))]
+        out = {**layers[0], "sizes": sizes} if len(layers) == 1 else {"sizes": sizes, "layers": layers}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_batch(batch, args.details))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
