@@ -194,6 +194,18 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _fresh(fn: Any) -> Any:
+    """A distinct function object calling ``fn`` (classes are returned as they are)."""
+    if isinstance(fn, type):
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _cuda_get_rng_state(device: Any = "cuda") -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -213,34 +225,39 @@ def _patch_torch_cuda() -> None:
     ``is_available()`` and ``device_count()`` are left alone on purpose: they are how
     megatron and torch decide between their CUDA and CPU code paths.
     """
-    cuda = torch.cuda
-    cuda.current_device = lambda: 0
-    cuda.set_device = _noop
-    cuda.synchronize = _noop
-    cuda.Stream = _Stream
-    cuda.Event = _Event
-    cuda.ExternalStream = _Stream
-    cuda.current_stream = lambda device=None: _DEFAULT_STREAM
-    cuda.default_stream = lambda device=None: _DEFAULT_STREAM
-    cuda.set_stream = _noop
-    cuda.stream = lambda stream=None: contextlib.nullcontext(stream)
-    cuda.reset_peak_memory_stats = _noop
-    cuda.reset_max_memory_allocated = _noop
-    cuda.nvtx.range_push = lambda msg: 0
-    cuda.nvtx.range_pop = lambda: 0
-    cuda.nvtx.mark = _noop
-    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
-    # CUDA RNG API → the CPU generator. megatron's CudaRNGStatesTracker (tensor_parallel/random.py
-    # :235-240, :250-277) then forks the CPU RNG for model-parallel regions (dropout, init).
-    cuda.get_rng_state = _cuda_get_rng_state
-    cuda.set_rng_state = _cuda_set_rng_state
-    cuda.random.get_rng_state = _cuda_get_rng_state
-    cuda.random.set_rng_state = _cuda_set_rng_state
-    cuda.manual_seed = _cuda_manual_seed
-    cuda.manual_seed_all = _cuda_manual_seed
-    cuda.random.manual_seed = _cuda_manual_seed
-    cuda.random.manual_seed_all = _cuda_manual_seed
-    cuda.default_generators = (torch.default_generator,)
+    # Each attribute gets its own function object: torch._dynamo keys its trace rules by object
+    # identity and refuses one object registered under two names with different rules.
+    replacements = {
+        "current_device": lambda: 0,
+        "set_device": _noop,
+        "synchronize": _noop,
+        "Stream": _Stream,
+        "Event": _Event,
+        "ExternalStream": _Stream,
+        "current_stream": lambda device=None: _DEFAULT_STREAM,
+        "default_stream": lambda device=None: _DEFAULT_STREAM,
+        "set_stream": _noop,
+        "stream": lambda stream=None: contextlib.nullcontext(stream),
+        "reset_peak_memory_stats": _noop,
+        "reset_max_memory_allocated": _noop,
+        # CUDA RNG API → the CPU generator. megatron's CudaRNGStatesTracker
+        # (tensor_parallel/random.py:235-240, :250-277) then forks the CPU RNG for
+        # model-parallel regions (dropout, initialisation).
+        "get_rng_state": _cuda_get_rng_state,
+        "set_rng_state": _cuda_set_rng_state,
+        "manual_seed": _cuda_manual_seed,
+        "manual_seed_all": _cuda_manual_seed,
+    }
+    for name, fn in replacements.items():
+        setattr(torch.cuda, name, _fresh(fn))
+    for name in ("get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all"):
+        setattr(torch.cuda.random, name, getattr(torch.cuda, name))  # same objects as upstream
+    torch.cuda.default_generators = (torch.default_generator,)
+    nvtx = torch.cuda.nvtx
+    nvtx.range_push = _fresh(lambda msg: 0)
+    nvtx.range_pop = _fresh(lambda: 0)
+    nvtx.mark = _fresh(_noop)
+    nvtx.range = _fresh(lambda *a, **k: contextlib.nullcontext())
 
 
 def _patch_all_to_all() -> None:
@@ -275,6 +292,7 @@ def _patch_megatron() -> None:
 
 _MODE = _CpuDeviceMode()
 _installed = False
+_suspended = False
 
 
 def _enter_mode_in_threads() -> None:
@@ -298,7 +316,7 @@ def _enter_mode_in_backward() -> None:
     original_apply = BackwardCFunction.apply
 
     def apply(self, *args):
-        if torch._C._len_torch_function_stack() == 0:
+        if torch._C._len_torch_function_stack() == 0 and not _suspended:
             with _CpuDeviceMode():
                 return original_apply(self, *args)
         return original_apply(self, *args)
@@ -327,9 +345,18 @@ def installed() -> bool:
 
 @contextlib.contextmanager
 def suspended():
-    """Temporarily leave the device-redirecting mode (used by the overhead benchmark)."""
+    """Run without the device-redirecting mode (the overhead benchmark's plain-torch baseline).
+
+    Only code that never names a CUDA device can run inside; the torch.cuda stand-ins stay.
+    """
+    global _suspended
     if not _installed:
         yield
         return
-    with torch.overrides._pop_mode_temporarily():
-        yield
+    assert torch._C._len_torch_function_stack() == 1, "another torch function mode is active"
+    _suspended = True
+    try:
+        with torch.overrides._pop_mode_temporarily():
+            yield
+    finally:
+        _suspended = False
