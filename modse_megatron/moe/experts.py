@@ -1,0 +1,354 @@
+"""Variable-width experts: megatron's experts interface for experts of different FFN widths.
+
+Megatron's expert modules (``SequentialMLP``, ``GroupedMLP``, ``TEGroupedMLP``) give every
+expert ``moe_ffn_hidden_size``. :class:`MoDSEExperts` holds one weight pair per local expert,
+each with its own width, and satisfies the same interface as ``SequentialMLP``
+(``forward(x, tokens_per_expert, probs) -> (y, None)``, ``backward_dw``, ``sharded_state_dict``),
+so ``MoELayer`` and megatron's token dispatchers use it unchanged.
+
+Expert tensor parallelism (ETP): each expert's width is split over the expert-TP ranks
+(fc1 by rows, fc2 by columns), so every ETP rank computes a partial output that the
+dispatcher's reduce-scatter sums, exactly as for megatron's experts.
+
+Implementations (``impl``):
+
+* ``loop`` - the reference oracle: a plain loop over experts with autograd (gpt-fast style).
+* ``grouped`` - the fast path: one autograd node for all local experts
+  (:class:`_GroupedExpertsFn`); adjacent experts of equal width run as one
+  ``torch._grouped_mm`` (on CUDA by default), activations are recomputed in backward instead
+  of stored, and outputs are written into one preallocated buffer.
+
+A TransformerEngine path (FP8 GEMMs) is not built yet; ``MoDSEConfig.moe_experts_impl='te'``
+is rejected with that message rather than silently falling back.
+
+Checkpoints: one ``ShardedTensor`` per *logical* expert and weight
+(``...experts.expert{id}.linear_fc1.weight``), sharded along the width by ETP and replicated
+over the expert-data-parallel group, so a checkpoint loads under any EP/ETP size or placement.
+
+Shape legend (suffixes): T tokens routed to this rank's experts (permuted), D hidden size,
+W one expert's local width (width / ETP), G = 2 for gated units (SwiGLU/GeGLU) else 1,
+E local experts.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+IMPLS = ("loop", "grouped")
+
+
+class _Linear(nn.Module):
+    """A bare weight holder, so parameter names read ``linear_fc1.weight`` like megatron's MLP."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class Expert(nn.Module):
+    """One expert's (local shard of its) weights: fc1 ``[G*W, D]``, fc2 ``[D, W]``.
+
+    For gated units fc1 stacks ``[gate_W; up_W]`` like megatron's MLP with stride 2, so an ETP
+    shard holds the same hidden units of the gate and the up projection.
+    """
+
+    def __init__(self, w1_GWD: torch.Tensor, w2_DW: torch.Tensor, logical_id: int, width: int):
+        super().__init__()
+        self.linear_fc1 = _Linear(w1_GWD)
+        self.linear_fc2 = _Linear(w2_DW)
+        self.logical_id = logical_id
+        self.width = width  # full (unsharded) width
+
+
+def _activation(config: TransformerConfig):
+    """megatron MLP's activation on fc1 outputs (gated or not), incl. clamp and linear offset."""
+    act = config.activation_func
+    if not config.gated_linear_unit:
+        return act
+    clamp, offset = config.activation_func_clamp_value, config.glu_linear_offset
+
+    def glu(h):
+        gate, up = torch.chunk(h, 2, dim=-1)
+        if clamp is not None:
+            gate = gate.clamp(min=None, max=clamp)
+            up = up.clamp(min=-clamp, max=clamp)
+        return act(gate) * (up + offset)
+
+    return glu
+
+
+class MoDSEExperts(MegatronModule):
+    """The local experts of one MoDSE layer, each with its own width.
+
+    Args:
+        num_local_experts: experts on this EP rank (megatron passes it positionally).
+        config: the layer's TransformerConfig.
+        submodules: ignored (accepted so megatron's ``build_module`` can pass a spec's).
+        pg_collection: megatron process groups (``ep``, ``expt_tp``, ``expt_dp`` are used).
+        expert_widths: full FFN width of each local expert, in physical slot order.
+        logical_ids: logical id of each local expert (checkpoint keys, statistics).
+        impl: ``loop`` or ``grouped`` (see module docstring).
+        use_grouped_mm: run equal-width experts through ``torch._grouped_mm``; default: on CUDA.
+    """
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        config: TransformerConfig,
+        submodules=None,
+        pg_collection=None,
+        *,
+        expert_widths: Sequence[int],
+        logical_ids: Sequence[int],
+        impl: str = "grouped",
+        use_grouped_mm: Optional[bool] = None,
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        if len(expert_widths) != num_local_experts or len(logical_ids) != num_local_experts:
+            raise ValueError(
+                f"{num_local_experts} local experts but {len(expert_widths)} widths and "
+                f"{len(logical_ids)} logical ids: give one of each per local expert"
+            )
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not valid: use one of {', '.join(IMPLS)}")
+        if config.add_bias_linear:
+            raise ValueError("MoDSE experts have no linear biases: set add_bias_linear=False")
+        self.num_local_experts = num_local_experts
+        self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.expt_tp
+        self.dp_group = pg_collection.expt_dp
+        self.impl = impl
+        self.use_grouped_mm = use_grouped_mm
+        etp, etp_rank = self.tp_group.size(), self.tp_group.rank()
+        for w in expert_widths:
+            if w <= 0 or w % etp:
+                raise ValueError(
+                    f"expert width {w} is not a positive multiple of the expert-TP size {etp}: "
+                    "choose widths divisible by expert_tensor_parallel_size"
+                )
+        self.expert_widths = [int(w) for w in expert_widths]
+        self.logical_ids = [int(i) for i in logical_ids]
+        self.local_widths = [w // etp for w in self.expert_widths]
+        self.activation = _activation(config)
+        self.gated = bool(config.gated_linear_unit)
+
+        # One base seed drawn from the (layout-independent) RNG stream, then a generator per
+        # logical expert: initial weights depend on the logical id only, not on EP/ETP size
+        # or placement, and experts on different EP ranks never share an initialisation.
+        base_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        expert_parallel = config.expert_model_parallel_size > 1
+        self.local_experts = nn.ModuleList()
+        for width, lid in zip(self.expert_widths, self.logical_ids):
+            w1, w2 = self._init_expert(width, base_seed + lid, etp, etp_rank)
+            expert = Expert(w1, w2, lid, width)
+            for param, dim in ((expert.linear_fc1.weight, 0), (expert.linear_fc2.weight, 1)):
+                # Attributes megatron's DDP, optimizer and grad clipping read: expert params
+                # are reduced over the expert-data-parallel group, not the data-parallel one.
+                param.allreduce = not expert_parallel
+                param.tensor_model_parallel = etp > 1
+                param.partition_dim = dim
+                param.partition_stride = 1
+            self.local_experts.append(expert)
+
+    def _init_expert(self, width: int, seed: int, etp: int, etp_rank: int):
+        """Full (master) weights from the expert's own generator, then this ETP rank's shard."""
+        cfg, d = self.config, self.config.hidden_size
+        g = 2 if self.gated else 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            w1_full = torch.empty(g * width, d, dtype=torch.float32)
+            w2_full = torch.empty(d, width, dtype=torch.float32)
+            if cfg.perform_initialization:
+                cfg.init_method(w1_full)
+                cfg.output_layer_init_method(w2_full)
+        lo, hi = etp_rank * width // etp, (etp_rank + 1) * width // etp
+        w1 = torch.cat([part[lo:hi] for part in w1_full.chunk(g, dim=0)], dim=0)
+        w2 = w2_full[:, lo:hi]
+        return w1.to(cfg.params_dtype).contiguous(), w2.to(cfg.params_dtype).contiguous()
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        permuted_local_hidden_states: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        permuted_probs: torch.Tensor,
+    ):
+        """Run every local expert on its contiguous block of permuted tokens.
+
+        Returns ``(y_TD, None)``: the probability-weighted expert outputs (partial sums over
+        the width when ETP > 1; the dispatcher reduces them).
+        """
+        x_TD, probs_T = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:
+            if self.config.moe_router_topk != 1:
+                raise ValueError("moe_apply_probs_on_input needs moe_router_topk=1")
+            x_TD = (probs_T.unsqueeze(-1) * x_TD).to(x_TD.dtype)
+            probs_T = torch.ones_like(probs_T)
+        counts = [int(c) for c in tokens_per_expert.tolist()]
+        if sum(counts) != x_TD.shape[0]:
+            raise ValueError(f"tokens_per_expert sums to {sum(counts)}, input has {x_TD.shape[0]} rows")
+        if self.impl == "loop":
+            return self._forward_loop(x_TD, counts, probs_T), None
+        grouped_mm = self.use_grouped_mm
+        if grouped_mm is None:
+            grouped_mm = x_TD.is_cuda and hasattr(torch, "_grouped_mm")
+        weights = [p for e in self.local_experts for p in (e.linear_fc1.weight, e.linear_fc2.weight)]
+        y_TD = _GroupedExpertsFn.apply(
+            x_TD, probs_T, counts, self.local_widths, self.activation, grouped_mm, *weights
+        )
+        return y_TD, None
+
+    def _forward_loop(self, x_TD, counts, probs_T):
+        """Reference oracle: megatron MLP's math, one expert at a time."""
+        outputs = []
+        for expert, xe_TD, pe_T in zip(self.local_experts, x_TD.split(counts), probs_T.split(counts)):
+            h_TGW = xe_TD @ expert.linear_fc1.weight.t()
+            z_TW = self.activation(h_TGW)
+            z_TW = (z_TW * pe_T.unsqueeze(-1)).to(z_TW.dtype)
+            outputs.append(z_TW @ expert.linear_fc2.weight.t())
+        return torch.cat(outputs, dim=0)
+
+    def backward_dw(self):
+        """No deferred weight-gradient work (megatron's interface; used by its overlap schedules)."""
+
+    # ---------------------------------------------------------------------------- checkpoint
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """One ShardedTensor per logical expert and weight, keyed ``{prefix}expert{id}.*``.
+
+        Dict keys are this module's state-dict names (``local_experts.{i}...``), checkpoint keys
+        use logical ids, so the same checkpoint serves any placement. fc1 of gated units is
+        split into its gate/up halves (megatron's swiglu factory) so ETP resharding keeps the
+        halves apart. Replicas: the expert-data-parallel group (rank 0 is the main replica).
+        """
+        etp, etp_rank = self.tp_group.size(), self.tp_group.rank()
+        replica_id = (0, 0, self.dp_group.rank())
+        axis = len(sharded_offsets)
+        out = {}
+        for i, expert in enumerate(self.local_experts):
+            key = f"{prefix}expert{expert.logical_id}."
+            for name, tp_axis in (("linear_fc1", 0), ("linear_fc2", 1)):
+                param = getattr(expert, name).weight
+                sh = ShardedTensor.from_rank_offsets(
+                    f"{key}{name}.weight",
+                    param,
+                    *sharded_offsets,
+                    (axis + tp_axis, etp_rank, etp),
+                    replica_id=replica_id,
+                    prepend_axis_num=axis,
+                )
+                if name == "linear_fc1" and self.gated:
+                    sh = apply_swiglu_sharded_factory(sh, sharded_offsets)
+                out[f"{prefix}local_experts.{i}.{name}.weight"] = sh
+        return out
+
+
+# -------------------------------------------------------------------------------- fast path
+def _width_classes(widths: Sequence[int]) -> dict[int, list[int]]:
+    """Local expert indices grouped by width (experts of one class share GEMM shapes)."""
+    classes: dict[int, list[int]] = {}
+    for i, w in enumerate(widths):
+        classes.setdefault(w, []).append(i)
+    return classes
+
+
+def _fc(x_TK: torch.Tensor, w_NK: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T`` (into ``out`` when given)."""
+    if out is None:
+        return torch.mm(x_TK, w_NK.t())
+    return torch.mm(x_TK, w_NK.t(), out=out)
+
+
+class _GroupedExpertsFn(torch.autograd.Function):
+    """All local experts as one autograd node.
+
+    Forward stores only the inputs and the fc1 outputs; backward recomputes the activation
+    (cheap, elementwise) and differentiates it with autograd, so any megatron activation
+    (SwiGLU, GeGLU, GeLU, squared ReLU, clamps) is supported exactly. Weight gradients are
+    written straight into fresh tensors (no per-expert graph nodes, no cat of outputs).
+    With ``grouped_mm``, adjacent experts of one width class run as one ``torch._grouped_mm``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, probs_T, counts, widths, activation, grouped_mm, *weights):
+        num = len(counts)
+        w1s, w2s = weights[0::2], weights[1::2]
+        y_TD = x_TD.new_empty(x_TD.shape)
+        hs = [None] * num
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        classes = _width_classes(widths) if grouped_mm else {i: [i] for i in range(num)}
+        for members in classes.values():
+            if len(members) > 1 and _contiguous(members):
+                _grouped_forward(x_TD, probs_T, offsets, members, w1s, w2s, activation, y_TD, hs)
+                continue
+            for e in members:
+                s, t = offsets[e], offsets[e + 1]
+                h_TGW = _fc(x_TD[s:t], w1s[e])
+                z_TW = activation(h_TGW)
+                z_TW = (z_TW * probs_T[s:t].unsqueeze(-1)).to(z_TW.dtype)
+                _fc(z_TW, w2s[e], out=y_TD[s:t])
+                hs[e] = h_TGW
+        ctx.counts, ctx.offsets, ctx.activation = counts, offsets, activation
+        ctx.save_for_backward(x_TD, probs_T, *weights, *hs)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        num = len(ctx.counts)
+        saved = ctx.saved_tensors
+        x_TD, probs_T = saved[0], saved[1]
+        weights, hs = saved[2 : 2 + 2 * num], saved[2 + 2 * num :]
+        offsets = ctx.offsets
+        dx_TD = torch.empty_like(x_TD)
+        dprobs_T = torch.empty_like(probs_T)
+        dweights = []
+        dy_TD = dy_TD.contiguous()
+        for e in range(num):
+            s, t = offsets[e], offsets[e + 1]
+            w1_GWD, w2_DW = weights[2 * e], weights[2 * e + 1]
+            xe_TD, pe_T, dye_TD = x_TD[s:t], probs_T[s:t], dy_TD[s:t]
+            with torch.enable_grad():
+                h_TGW = hs[e].detach().requires_grad_(True)
+                z_TW = ctx.activation(h_TGW)
+            zd_TW = z_TW.detach()
+            dw2_DW = torch.mm(dye_TD.t(), (zd_TW * pe_T.unsqueeze(-1)).to(zd_TW.dtype))
+            dzp_TW = torch.mm(dye_TD, w2_DW)
+            dprobs_T[s:t] = (dzp_TW * zd_TW).sum(-1).to(dprobs_T.dtype)
+            (dh_TGW,) = torch.autograd.grad(z_TW, h_TGW, (dzp_TW * pe_T.unsqueeze(-1)).to(z_TW.dtype))
+            dw1_GWD = torch.mm(dh_TGW.t(), xe_TD)
+            torch.mm(dh_TGW, w1_GWD, out=dx_TD[s:t])
+            dweights += [dw1_GWD, dw2_DW]
+        return (dx_TD, dprobs_T, None, None, None, None, *dweights)
+
+
+def _contiguous(members: list[int]) -> bool:
+    return members == list(range(members[0], members[0] + len(members)))
+
+
+def _grouped_forward(x_TD, probs_T, offsets, members, w1s, w2s, activation, y_TD, hs):
+    """Experts of one width class (adjacent slots) as two ``torch._grouped_mm`` calls."""
+    s, t = offsets[members[0]], offsets[members[-1] + 1]
+    offs = torch.tensor([offsets[e + 1] - s for e in members], dtype=torch.int32, device=x_TD.device)
+    w1_EDG = torch.stack([w1s[e] for e in members]).transpose(1, 2)
+    w2_EWD = torch.stack([w2s[e] for e in members]).transpose(1, 2)
+    h_TGW = torch._grouped_mm(x_TD[s:t], w1_EDG, offs=offs)
+    z_TW = activation(h_TGW)
+    z_TW = (z_TW * probs_T[s:t].unsqueeze(-1)).to(z_TW.dtype)
+    y_TD[s:t] = torch._grouped_mm(z_TW, w2_EWD, offs=offs)
+    for e in members:
+        hs[e] = h_TGW[offsets[e] - s : offsets[e + 1] - s]
+
+
+__all__ = ["Expert", "IMPLS", "MoDSEExperts"]
