@@ -123,8 +123,8 @@ struct Layer {
                                           c.method == Method::kPrevious ? &initial : nullptr,
                                           max_iters);
       p.node_inflow_bound = cardinality_lower_bound(t, N, k * g);
-      refine_node_inflow(t, w, cls, c.bin_of, node_of_bin, R, N, c.value, p.node_inflow_bound,
-                         max_iters);
+      refine_node_inflow(t, w, cls, c.bin_of, node_of_bin, R, N, c.value,
+                         p.node_inflow_bound * (1.0 + kNodeGoodEnough), max_iters);
     } else {
       for (double x : t) p.node_inflow_bound += x;
     }

@@ -2,10 +2,13 @@
 //
 // Moves exchange items between two bins, so every bin keeps exactly k items:
 //  * singles: one item for one item;
-//  * doubles: two items for two items (k <= 8; for k = 4 this is every way to re-split the
-//    8 items of two bins, since exchanging 3 of 4 is exchanging the other 1).
-// A scanner enumerates the moves of one bin pair into a BestMove; paired mode plugs in its own
-// scanner that only allows moves keeping every bin a union of complementary pairs.
+//  * doubles: two items for two items (k <= 4, where this is every way to re-split the 8 items
+//    of two bins, since exchanging 3 of 4 is exchanging the other 1; for larger k singles
+//    already leave little to gain and doubles cost O(k^4)).
+// A scanner enumerates the moves of one bin pair into a BestMove, singles at level 0 and the
+// costlier doubles at level 1, which is only tried when no single helps (variable neighbourhood
+// descent); paired mode plugs in a scanner whose moves keep every bin a union of complementary
+// pairs.
 //  * descend_heaviest: best move between the heaviest bin and any other, repeatedly;
 //  * balance_sweep: when that is stuck, even out every (heaviest i-th, lightest i-th) pair of
 //    bins to reshuffle, then descend again (a few rounds).
@@ -75,9 +78,10 @@ struct BestMove {
 
 // Heaviest-bin descent.  Each accepted move lowers the sorted vector of bin loads
 // lexicographically, so it terminates; max_iters bounds the work anyway.  The 8 lightest bins
-// (likeliest partners) are scanned first and the rest only when they offer nothing, so a stop
-// is still a local optimum over all bins.  scan(h, r, mv) fills mv with moves from h to r;
-// after_move(h, r) lets the scanner refresh its caches.
+// (likeliest partners) are scanned first and the rest only when they offer nothing, level by
+// level, so a stop is still a local optimum over all bins and both levels.
+// scan(h, r, mv, level) fills mv with moves from h to r; after_move(h, r) lets the scanner
+// refresh its caches.
 template <class Scan, class AfterMove>
 double descend_heaviest(const std::vector<double>& w, Bins& bins, double target, int max_iters,
                         Scan&& scan, AfterMove&& after_move) {
@@ -95,11 +99,12 @@ double descend_heaviest(const std::vector<double>& w, Bins& bins, double target,
     const int first = std::min(kFirst, R);
     auto lighter = [&](int x, int y) { return bins.load[x] < bins.load[y]; };
     if (first < R) std::nth_element(order.begin(), order.begin() + first, order.end(), lighter);
-    for (int pass = 0; pass < 2 && mv.partner < 0; ++pass) {
-      for (int i = pass == 0 ? 0 : first; i < (pass == 0 ? first : R); ++i) {
+    for (int pass = 0; pass < 4 && mv.partner < 0; ++pass) {
+      const bool near = pass % 2 == 0;  // passes: near singles, far singles, near/far doubles
+      for (int i = near ? 0 : first; i < (near ? first : R); ++i) {
         mv.r = order[i];
         mv.lo = bins.load[mv.r];
-        if (mv.r != h && mv.hi - mv.lo > mv.eps) scan(h, mv.r, mv);
+        if (mv.r != h && mv.hi - mv.lo > mv.eps) scan(h, mv.r, mv, pass / 2);
       }
     }
     if (mv.partner < 0) break;
@@ -109,7 +114,7 @@ double descend_heaviest(const std::vector<double>& w, Bins& bins, double target,
   return max_of(bins.load);
 }
 
-// One balancing pass over pairs of bins, each pair evened out by its best move: all pairs
+// One balancing pass over pairs of bins, each pair evened out by its best single: all pairs
 // when R <= 32, else the i-th heaviest with the i-th lightest (O(R) pairs).  No load rises
 // above its pair's old maximum, so the overall max never increases; the point is to reshuffle
 // so the heaviest bin finds new partners.  Returns whether anything moved.
@@ -136,7 +141,7 @@ bool balance_sweep(const std::vector<double>& w, Bins& bins, Scan&& scan, AfterM
     mv.eps = eps_of(mv.hi);
     mv.value = mv.hi - mv.eps;
     if (mv.hi - mv.lo <= mv.eps) continue;
-    scan(hi, mv.r, mv);
+    scan(hi, mv.r, mv, 0);  // singles only: doubles cost much and gained nothing measurable
     if (mv.partner < 0) continue;
     mv.apply(bins, w);
     after_move(hi, mv.r);
@@ -161,19 +166,22 @@ double descend(const std::vector<double>& w, Bins& bins, double target, int max_
   return value;
 }
 
-// Unconstrained exchanges: singles always, doubles when k <= 8 (k^4/4 candidates per pair).
+// Unconstrained exchanges: singles always, doubles when k <= 4.
 inline double swap_descent(const std::vector<double>& w, Bins& bins, double target,
                            int max_iters) {
   const int k = bins.k;
-  const bool doubles = k <= 8;
-  auto scan = [&](int h, int r, BestMove& mv) {
+  const bool doubles = k <= 4;
+  auto scan = [&](int h, int r, BestMove& mv, int level) {
     const int* x = &bins.items[static_cast<size_t>(h) * k];
     const int* y = &bins.items[static_cast<size_t>(r) * k];
-    for (int i = 0; i < k; ++i)
-      for (int j = 0; j < k; ++j) {
-        const double d = w[x[i]] - w[y[j]];
-        if (mv.worth(d)) mv.take(d, x[i], y[j]);
-      }
+    if (level == 0) {
+      for (int i = 0; i < k; ++i)
+        for (int j = 0; j < k; ++j) {
+          const double d = w[x[i]] - w[y[j]];
+          if (mv.worth(d)) mv.take(d, x[i], y[j]);
+        }
+      return;
+    }
     if (!doubles) return;
     for (int i1 = 0; i1 < k; ++i1)
       for (int i2 = i1 + 1; i2 < k; ++i2) {

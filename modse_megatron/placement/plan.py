@@ -234,6 +234,9 @@ def _where(name: str, a: np.ndarray, idx: tuple[int, ...]) -> str:
 
 
 def _check_values(name: str, a: np.ndarray, positive: bool) -> None:
+    low = a.min()  # NaN propagates; one reduction each on the common, valid path
+    if np.isfinite(a.max()) and (low > 0 if positive else low >= 0):
+        return
     bad = ~np.isfinite(a) | ((a <= 0) if positive else (a < 0))
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -362,8 +365,9 @@ def plan_placement_batch(
         int(exact_node_budget), int(num_threads),
     )
     lb, mx = out["lower_bound"], out["max_compute"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gap = np.where(out["optimal"] | (lb <= 0), 0.0, 100.0 * (mx - lb) / lb)
+    gap = np.zeros_like(lb)
+    open_ = ~out["optimal"] & (lb > 0)
+    gap[open_] = 100.0 * (mx[open_] - lb[open_]) / lb[open_]
     return BatchPlacementPlan(gap=gap, num_ranks=R, ranks_per_node=g, **out)
 
 
