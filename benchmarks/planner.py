@@ -1,0 +1,298 @@
+"""Expert placement planner vs an EPLB-style balanced packing baseline, measured in one run.
+
+Instance protocol (fixed seeds).  A cell is one combination below with ``--layers`` (default 8)
+random layers; both sides plan a cell's layers in one call, as both take [layers, experts]:
+
+* ``n`` in {8, 16, ..., 1024} experts, ``k = n/R`` in {1, 2, 4, 8, 16} experts per rank, with
+  ``2 <= R <= 256`` ranks (34 (n, k) cells).
+* loads ``t_e = (1 + pi(e)) ** -s * LogNormal(0, 0.5)``: Zipf exponent ``s`` in {0, 0.5, 1, 1.5}
+  over a random expert order ``pi``, times multiplicative noise.
+* sizes: ``modse`` = pair ratios 4.5:0.5, 4:1, 3:2, 2.5:2.5 of a 256 unit (repeated to n) or
+  ``uniform`` = 1024 for every expert.  Compute per expert ``w = t * s``.
+
+Problems and baselines (the same weights for both sides):
+
+* ``compute``: minimise max compute per rank with exactly k experts per rank.  Planner with
+  ``balance="compute"`` vs EPLB ``balanced_packing`` on ``w`` (sort descending; each expert to
+  the lightest rank that still has room), written from DeepSeek EPLB's published description.
+* ``paired`` (modse sizes, even k): complementary pairs share a rank so memory is equal.
+  Planner default (``memory_then_compute``) vs EPLB balanced packing over size-sorted pairs.
+* ``hierarchical`` (R >= 16, 8 ranks per node): planner with ``ranks_per_node=8`` vs EPLB's
+  hierarchical packing (experts to nodes, then to GPUs inside each node).
+
+Reported per problem: gap of max compute to the planner's proven lower bound (mean, p99, max)
+for both sides, time per layer p50/p99 (a cell's time / its layers; the planner through its
+public Python API), the number of layers where the planner is worse than the baseline
+(target 0), the total speedup (overall and by expert count), and the 61 layers x 256 experts
+x 64 ranks batched figure (target <= 50 ms).  Targets: mean gap <= 0.5%, p99 <= 2% over all
+flat layers; >= 20x faster than the baseline.  Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from modse_megatron.placement import plan_placement_batch, widths_from_ratios
+
+MODSE_RATIOS = "4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5"
+
+
+# ----------------------------------------------------------------------------- EPLB baseline
+
+
+def eplb_balanced_packing(weight: np.ndarray, num_packs: int) -> np.ndarray:
+    """EPLB balanced_packing: [L, m] weights -> pack of each item, m / num_packs per pack.
+
+    As published: items sorted by weight descending, each to the lightest pack that still has
+    fewer than m / num_packs items; a Python loop per layer and item.
+    """
+    num_layers, num_items = weight.shape
+    per_pack = num_items // num_packs
+    if per_pack == 1:
+        return np.tile(np.arange(num_items), (num_layers, 1))
+    order = np.argsort(-weight, axis=-1, kind="stable")
+    pack_index = np.full((num_layers, num_items), -1, dtype=np.int64)
+    for i in range(num_layers):
+        pack_weights = [0.0] * num_packs
+        pack_items = [0] * num_packs
+        row = weight[i].tolist()
+        for item in order[i].tolist():
+            pack = min(
+                (p for p in range(num_packs) if pack_items[p] < per_pack),
+                key=pack_weights.__getitem__,
+            )
+            pack_index[i, item] = pack
+            pack_weights[pack] += row[item]
+            pack_items[pack] += 1
+    return pack_index
+
+
+def eplb_hierarchical(weight: np.ndarray, num_nodes: int, gpus_per_node: int) -> np.ndarray:
+    """EPLB hierarchical packing without replicas: experts to nodes, then to GPUs per node."""
+    num_layers, n = weight.shape
+    node_of = eplb_balanced_packing(weight, num_nodes)
+    rank = np.empty_like(node_of)
+    for i in range(num_layers):
+        for node in range(num_nodes):
+            members = np.flatnonzero(node_of[i] == node)
+            local = eplb_balanced_packing(weight[i, members][None, :], gpus_per_node)[0]
+            rank[i, members] = node * gpus_per_node + local
+    return rank
+
+
+def eplb_paired(sizes: np.ndarray, weight: np.ndarray, num_packs: int) -> np.ndarray:
+    """Balanced packing over complementary pairs (i-th smallest size with i-th largest)."""
+    order = np.argsort(sizes, kind="stable")
+    first, second = order[: len(order) // 2], order[::-1][: len(order) // 2]
+    unit_pack = eplb_balanced_packing(weight[:, first] + weight[:, second], num_packs)
+    rank = np.empty(weight.shape, dtype=np.int64)
+    rank[:, first] = unit_pack
+    rank[:, second] = unit_pack
+    return rank
+
+
+# ----------------------------------------------------------------------------- instances
+
+
+def cells(layers: int):
+    """Protocol cells: one (n, k, s, sizes) combination with `layers` random layers (seeds)."""
+    for n in (8, 16, 32, 64, 128, 256, 512, 1024):
+        for k in (1, 2, 4, 8, 16):
+            R = n // k
+            if n % k or not 2 <= R <= 256:
+                continue
+            for s in (0.0, 0.5, 1.0, 1.5):
+                for size_kind in ("modse", "uniform"):
+                    loads = np.empty((layers, n))
+                    for seed in range(layers):
+                        rng = np.random.default_rng([n, k, int(s * 10), seed])
+                        loads[seed] = (1.0 + rng.permutation(n)) ** -s * rng.lognormal(0.0, 0.5, n)
+                    sizes = (
+                        np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
+                        if size_kind == "modse"
+                        else np.full(n, 1024.0)
+                    )
+                    yield dict(n=n, k=k, R=R, s=s, sizes=size_kind), sizes, loads
+
+
+def timed(fn: Callable[[], object], repeat: int) -> tuple[object, float]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def max_per_rank(values: np.ndarray, rank: np.ndarray, num_ranks: int) -> np.ndarray:
+    """[L] max over ranks of the summed values ([L, n] values, [L, n] rank ids)."""
+    L = values.shape[0]
+    flat = (rank + num_ranks * np.arange(L)[:, None]).ravel()
+    return np.bincount(flat, weights=values.ravel(), minlength=L * num_ranks).reshape(L, -1).max(1)
+
+
+def gaps(values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(bounds > 0, 100.0 * (values - bounds) / bounds, 0.0)
+
+
+def stats(gap_pct: np.ndarray, ms_per_layer: np.ndarray, total_ms: float) -> dict:
+    return {
+        "gap_mean_pct": float(gap_pct.mean()),
+        "gap_p99_pct": float(np.percentile(gap_pct, 99)),
+        "gap_max_pct": float(gap_pct.max()),
+        "time_per_layer_p50_ms": float(np.percentile(ms_per_layer, 50)),
+        "time_per_layer_p99_ms": float(np.percentile(ms_per_layer, 99)),
+        "time_total_ms": total_ms,
+    }
+
+
+class Tally:
+    """Per-layer results of one problem kind, both sides, plus per-cell timings."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list] = {k: [] for k in (
+            "n", "planner_max", "eplb_max", "bound", "optimal", "planner_ms", "eplb_ms")}
+        self.extra: dict[str, list] = {}
+
+    def add(self, n, plan, eplb_max, t_plan, t_eplb, **extra) -> None:
+        L = len(plan)
+        r = self.rows
+        r["n"] += [n] * L
+        r["planner_max"] += plan.max_compute.tolist()
+        r["eplb_max"] += eplb_max.tolist()
+        r["bound"] += plan.lower_bound.tolist()
+        r["optimal"] += plan.optimal.tolist()
+        r["planner_ms"] += [1e3 * t_plan / L] * L
+        r["eplb_ms"] += [1e3 * t_eplb / L] * L
+        for key, values in extra.items():
+            self.extra.setdefault(key, []).extend(np.asarray(values).tolist())
+
+    def report(self) -> dict:
+        a = {k: np.array(v) for k, v in self.rows.items()}
+        p_gap, e_gap = gaps(a["planner_max"], a["bound"]), gaps(a["eplb_max"], a["bound"])
+        out = {
+            "layers": len(a["n"]),
+            "planner": stats(p_gap, a["planner_ms"], float(a["planner_ms"].sum())),
+            "eplb": stats(e_gap, a["eplb_ms"], float(a["eplb_ms"].sum())),
+        }
+        out["planner"]["proven_optimal"] = int(a["optimal"].sum())
+        out["planner_worse_count"] = int((a["planner_max"] > a["eplb_max"] * (1 + 1e-12)).sum())
+        out["planner_better_count"] = int((a["planner_max"] < a["eplb_max"] * (1 - 1e-12)).sum())
+        out["speedup_total"] = out["eplb"]["time_total_ms"] / out["planner"]["time_total_ms"]
+        out["speedup_by_num_experts"] = {
+            str(n): float(a["eplb_ms"][a["n"] == n].sum() / a["planner_ms"][a["n"] == n].sum())
+            for n in sorted(set(a["n"].tolist()))
+        }
+        return out
+
+
+def run_protocol(layers: int, repeat: int) -> dict:
+    compute, paired, hier = Tally(), Tally(), Tally()
+    for meta, sizes, loads in cells(layers):
+        R, n, k = meta["R"], meta["n"], meta["k"]
+        w = sizes * loads
+        plan, t_plan = timed(lambda: plan_placement_batch(sizes, loads, R, balance="compute"), repeat)
+        rank, t_eplb = timed(lambda: eplb_balanced_packing(w, R), repeat)
+        compute.add(n, plan, max_per_rank(w, rank, R), t_plan, t_eplb)
+        if meta["sizes"] == "modse" and k % 2 == 0:
+            plan, t_plan = timed(lambda: plan_placement_batch(sizes, loads, R), repeat)
+            rank, t_eplb = timed(lambda: eplb_paired(sizes, w, R), repeat)
+            mem = plan.memory_per_rank
+            paired.add(n, plan, max_per_rank(w, rank, R), t_plan, t_eplb,
+                       memory_equal=(mem.max(1) == mem.min(1)) & plan.paired)
+        if R >= 16:
+            g = 8
+            plan, t_plan = timed(lambda: plan_placement_batch(
+                sizes, loads, R, ranks_per_node=g, balance="compute"), repeat)
+            rank, t_eplb = timed(lambda: eplb_hierarchical(w, R // g, g), repeat)
+            bound = plan.node_inflow_bound
+            hier.add(n, plan, max_per_rank(w, rank, R), t_plan, t_eplb,
+                     planner_inflow_gap=gaps(plan.node_inflow.max(1), bound),
+                     eplb_inflow_gap=gaps(max_per_rank(loads, rank // g, R // g), bound))
+    out = {"compute": compute.report(), "paired": paired.report(), "hierarchical": hier.report()}
+    out["paired"]["memory_equal_all"] = bool(all(paired.extra["memory_equal"]))
+    for key in ("planner", "eplb"):
+        vals = np.array(hier.extra[f"{key}_inflow_gap"])
+        out["hierarchical"][key]["node_inflow_gap_mean_pct"] = float(vals.mean())
+        out["hierarchical"][key]["node_inflow_gap_p99_pct"] = float(np.percentile(vals, 99))
+    # Targets are over every flat layer planned (compute and paired problems together).
+    both = {k: compute.rows[k] + paired.rows[k] for k in compute.rows}
+    g_all = gaps(np.array(both["planner_max"]), np.array(both["bound"]))
+    out["all_flat"] = {
+        "layers": len(g_all),
+        "gap_mean_pct": float(g_all.mean()),
+        "gap_p99_pct": float(np.percentile(g_all, 99)),
+        "speedup_total": float(sum(both["eplb_ms"]) / sum(both["planner_ms"])),
+    }
+    return out
+
+
+def run_layers(num_layers: int = 61, n: int = 256, R: int = 64, repeat: int = 5) -> dict:
+    """The batched figure: every MoE layer of a 61-layer model planned in one call."""
+    rng = np.random.default_rng(2024)
+    zipf = (0.0, 0.5, 1.0, 1.5)
+    loads = np.stack([(1.0 + rng.permutation(n)) ** -zipf[i % 4] * rng.lognormal(0, 0.5, n)
+                      for i in range(num_layers)])
+    sizes = np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
+    w = sizes * loads
+    out: dict = {"layers": num_layers, "experts": n, "ranks": R, "threads_available": os.cpu_count()}
+    rank, t_eplb = timed(lambda: eplb_balanced_packing(w, R), max(1, repeat // 2))
+    e_max = max_per_rank(w, rank, R)
+    units, t_eplb_pairs = timed(lambda: eplb_paired(sizes, w, R), max(1, repeat // 2))
+    e_pair_max = max_per_rank(w, units, R)
+    out["eplb_ms"] = 1e3 * t_eplb
+    out["eplb_paired_ms"] = 1e3 * t_eplb_pairs
+    for balance, baseline, t_base in (("compute", e_max, t_eplb), ("memory_then_compute", e_pair_max, t_eplb_pairs)):
+        for threads in (1, 0):
+            plan, t = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance,
+                                                         num_threads=threads), repeat)
+            name = f"{balance}_{'1thread' if threads == 1 else 'auto_threads'}"
+            out[name] = {
+                "planner_ms": 1e3 * t,
+                "speedup_vs_eplb": t_base / t,
+                "gap_mean_pct": float(plan.gap.mean()),
+                "gap_max_pct": float(plan.gap.max()),
+                "eplb_gap_mean_pct": float(gaps(baseline, plan.lower_bound).mean()),
+                "planner_worse_count": int((plan.max_compute > baseline * (1 + 1e-12)).sum()),
+                "memory_equal_all": bool((plan.memory_per_rank.max(1) == plan.memory_per_rank.min(1)).all()),
+            }
+    plan, t = timed(lambda: plan_placement_batch(sizes, loads, R, ranks_per_node=8), repeat)
+    out["memory_then_compute_8_per_node"] = {"planner_ms": 1e3 * t, "gap_mean_pct": float(plan.gap.mean())}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8, help="random layers per protocol cell")
+    parser.add_argument("--repeat", type=int, default=3, help="timing: best of this many runs")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    result: dict = {"benchmark": "placement planner vs EPLB-style balanced packing",
+                    "protocol": {"layers_per_cell": args.layers, "repeat": args.repeat}}
+    result.update(run_protocol(args.layers, args.repeat))
+    result["layers_61x256x64"] = layers = run_layers(repeat=max(3, args.repeat))
+    flat, paired = result["all_flat"], result["paired"]
+    fast = min(layers["compute_auto_threads"]["planner_ms"],
+               layers["memory_then_compute_auto_threads"]["planner_ms"])
+    result["targets"] = {
+        "gap_mean_le_0.5pct": flat["gap_mean_pct"] <= 0.5,
+        "gap_p99_le_2pct": flat["gap_p99_pct"] <= 2.0,
+        "layers_61x256x64_le_50ms": layers["memory_then_compute_auto_threads"]["planner_ms"] <= 50.0,
+        "speedup_ge_20x_total": flat["speedup_total"] >= 20.0,
+        "speedup_ge_20x_layers_61x256x64": layers["eplb_ms"] / fast >= 20.0,
+        "never_worse_than_eplb": all(result[p]["planner_worse_count"] == 0
+                                     for p in ("compute", "paired", "hierarchical")),
+        "paired_memory_equal": paired["memory_equal_all"],
+    }
+    result["wall_s"] = time.perf_counter() - start
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
