@@ -197,7 +197,8 @@ def run_protocol(layers: int, repeat: int) -> dict:
     for meta, sizes, loads in cells(layers):
         R, n, k = meta["R"], meta["n"], meta["k"]
         w = sizes * loads
-        plan, t_plan = timed(lambda: plan_placement_batch(sizes, loads, R, balance="compute"), repeat)
+        plan, t_plan = timed(
+            lambda: plan_placement_batch(sizes, loads, R, balance="compute"), repeat)
         rank, t_eplb = timed(lambda: eplb_balanced_packing(w, R), repeat)
         compute.add(n, plan, max_per_rank(w, rank, R), t_plan, t_eplb)
         if meta["sizes"] == "modse" and k % 2 == 0:
@@ -241,14 +242,16 @@ def run_layers(num_layers: int = 61, n: int = 256, R: int = 64, repeat: int = 5)
                       for i in range(num_layers)])
     sizes = np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
     w = sizes * loads
-    out: dict = {"layers": num_layers, "experts": n, "ranks": R, "threads_available": os.cpu_count()}
+    out: dict = {"layers": num_layers, "experts": n, "ranks": R,
+                 "threads_available": os.cpu_count()}
     rank, t_eplb = timed(lambda: eplb_balanced_packing(w, R), max(1, repeat // 2))
     e_max = max_per_rank(w, rank, R)
     units, t_eplb_pairs = timed(lambda: eplb_paired(sizes, w, R), max(1, repeat // 2))
     e_pair_max = max_per_rank(w, units, R)
     out["eplb_ms"] = 1e3 * t_eplb
     out["eplb_paired_ms"] = 1e3 * t_eplb_pairs
-    for balance, baseline, t_base in (("compute", e_max, t_eplb), ("memory_then_compute", e_pair_max, t_eplb_pairs)):
+    problems = (("compute", e_max, t_eplb), ("memory_then_compute", e_pair_max, t_eplb_pairs))
+    for balance, baseline, t_base in problems:
         for threads in (1, 0):
             plan, t = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance,
                                                          num_threads=threads), repeat)
@@ -260,10 +263,12 @@ def run_layers(num_layers: int = 61, n: int = 256, R: int = 64, repeat: int = 5)
                 "gap_max_pct": float(plan.gap.max()),
                 "eplb_gap_mean_pct": float(gaps(baseline, plan.lower_bound).mean()),
                 "planner_worse_count": int((plan.max_compute > baseline * (1 + 1e-12)).sum()),
-                "memory_equal_all": bool((plan.memory_per_rank.max(1) == plan.memory_per_rank.min(1)).all()),
+                "memory_equal_all": bool(
+                    (plan.memory_per_rank.max(1) == plan.memory_per_rank.min(1)).all()),
             }
     plan, t = timed(lambda: plan_placement_batch(sizes, loads, R, ranks_per_node=8), repeat)
-    out["memory_then_compute_8_per_node"] = {"planner_ms": 1e3 * t, "gap_mean_pct": float(plan.gap.mean())}
+    out["memory_then_compute_8_per_node"] = {
+        "planner_ms": 1e3 * t, "gap_mean_pct": float(plan.gap.mean())}
     return out
 
 
@@ -283,7 +288,8 @@ def main() -> None:
     result["targets"] = {
         "gap_mean_le_0.5pct": flat["gap_mean_pct"] <= 0.5,
         "gap_p99_le_2pct": flat["gap_p99_pct"] <= 2.0,
-        "layers_61x256x64_le_50ms": layers["memory_then_compute_auto_threads"]["planner_ms"] <= 50.0,
+        "layers_61x256x64_le_50ms":
+            layers["memory_then_compute_auto_threads"]["planner_ms"] <= 50.0,
         "speedup_ge_20x_total": flat["speedup_total"] >= 20.0,
         "speedup_ge_20x_layers_61x256x64": layers["eplb_ms"] / fast >= 20.0,
         "never_worse_than_eplb": all(result[p]["planner_worse_count"] == 0

@@ -64,7 +64,7 @@ struct Layer {
 
   double lower_bound() const {
     double lb = cardinality_lower_bound(w, R, k, &desc);
-    if (paired) lb = std::max(lb, paired_partner_bound(w, ps.cls, ps.comp, k, &desc));
+    if (paired) lb = std::max(lb, paired_lower_bound(w, ps.cls, ps.comp, R, k, &desc));
     return lb;
   }
 

@@ -45,85 +45,153 @@ inline double cardinality_lower_bound(const std::vector<double>& w, int R, int k
   return lb;
 }
 
-// Extra bound when complementary pairs must share a rank (paired mode).  The rank holding
-// expert e holds e, a partner f from e's complementary size class, and k/2 - 1 further
-// complementary pairs disjoint from {e, f}.  So it weighs at least
-//     w[e] + w[f*] + P(pool without e and f*)
-// where f* is the lightest possible partner and P = the cheapest k/2 - 1 disjoint pairs.
-//  * f* suffices: for any heavier partner f, the cheapest pair set avoiding f either avoids
-//    f* too, or uses f* and can use f in its place at cost w[f] - w[f*].
-//  * P: for one pair type (classes c, comp c) the j cheapest disjoint pairs are the j
-//    lightest of each class (the 2j lightest for the middle class); the j-th increment is
-//    nondecreasing in j, so across types the cheapest total takes the m smallest increments.
-// cls[i] = size class of expert i, comp[c] = complementary class (the middle class: itself).
-inline double paired_partner_bound(const std::vector<double>& w, const std::vector<int>& cls,
-                                   const std::vector<int>& comp, int k,
-                                   const std::vector<int>* desc = nullptr) {
+// ---- paired mode: every rank is a union of complementary pairs ----------------------------
+// cls[i] = size class of expert i (classes numbered by size), comp[c] = complementary class
+// (the middle class, e.g. 2.5:2.5, is its own complement).
+
+// Members of every class, lightest first.
+inline std::vector<std::vector<int>> class_members(const std::vector<double>& w,
+                                                   const std::vector<int>& cls, int num_classes,
+                                                   const std::vector<int>& heavy_first) {
+  std::vector<std::vector<int>> members(num_classes);
+  for (auto it = heavy_first.rbegin(); it != heavy_first.rend(); ++it)
+    members[cls[*it]].push_back(*it);
+  return members;
+}
+
+// prefix[j] = cheapest total of j disjoint complementary pairs (j = 0..m), skipping the `skip`
+// lightest of every class and the experts x1, x2; +inf where there are not enough pairs.
+// For one pair type (c, comp c) the j cheapest disjoint pairs are the j lightest of each class
+// (the 2j lightest for the middle class); the j-th increment is nondecreasing in j, so across
+// types the cheapest total takes the m smallest increments (a k-way merge).
+inline std::vector<double> cheapest_pairs(const std::vector<double>& w,
+                                          const std::vector<std::vector<int>>& members,
+                                          const std::vector<int>& comp, int m, int skip = 0,
+                                          int x1 = -1, int x2 = -1) {
+  const int num_classes = static_cast<int>(comp.size());
+  std::vector<int> first(num_classes, skip), second(num_classes, skip);  // cursors
+  auto take = [&](int c, int& at) {
+    while (at < static_cast<int>(members[c].size())) {
+      const int x = members[c][at++];
+      if (x != x1 && x != x2) return x;
+    }
+    return -1;
+  };
+  using Entry = std::pair<double, int>;  // (next increment of pair type c, c <= comp[c])
+  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
+  auto push_next = [&](int c) {
+    const int x = take(c, first[c]);
+    const int y = c == comp[c] ? take(c, first[c]) : take(comp[c], second[c]);
+    if (x >= 0 && y >= 0) heap.emplace(w[x] + w[y], c);
+  };
+  for (int c = 0; c < num_classes && m > 0; ++c)
+    if (comp[c] >= c) push_next(c);
+  std::vector<double> prefix(m + 1, std::numeric_limits<double>::infinity());
+  prefix[0] = 0.0;
+  for (int j = 1; j <= m && !heap.empty(); ++j) {
+    const auto [inc, c] = heap.top();
+    heap.pop();
+    prefix[j] = prefix[j - 1] + inc;
+    push_next(c);
+  }
+  return prefix;
+}
+
+// Partner bound: the rank holding expert e holds e, a partner f from e's complementary class,
+// and k/2 - 1 further complementary pairs disjoint from {e, f}, so it weighs at least
+//     w[e] + w[f*] + P_{k/2-1}(pool without e and f*)
+// with f* the lightest possible partner.  f* suffices: for a heavier partner f, the cheapest
+// pair set avoiding f either avoids f* too, or uses f* and can use f instead at cost
+// w[f] - w[f*].
+inline double paired_partner_bound(const std::vector<double>& w,
+                                   const std::vector<std::vector<int>>& members,
+                                   const std::vector<int>& cls, const std::vector<int>& comp,
+                                   int k, const std::vector<int>& heavy_first) {
   const int n = static_cast<int>(w.size());
   const int num_classes = static_cast<int>(comp.size());
   if (n == 0 || k < 2 || k % 2 != 0) return 0.0;
-  std::vector<std::vector<int>> members(num_classes);  // lightest first
-  std::vector<int> storage;
-  const std::vector<int>& heavy_first = desc_or(w, desc, storage);
-  for (auto it = heavy_first.rbegin(); it != heavy_first.rend(); ++it) members[cls[*it]].push_back(*it);
   const int m = k / 2 - 1;
-  std::vector<int> first(num_classes), second(num_classes);  // cursors into members
-  // Cheapest m disjoint complementary pairs, skipping the `skip` lightest of every class and
-  // the experts x1, x2; +inf if there are not enough.
-  auto cheapest_pairs = [&](int skip, int x1, int x2) {
-    auto take = [&](int c, int& at) {
-      while (at < static_cast<int>(members[c].size())) {
-        const int x = members[c][at++];
-        if (x != x1 && x != x2) return x;
-      }
-      return -1;
-    };
-    using Entry = std::pair<double, int>;  // (next increment of pair type c, c <= comp[c])
-    std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
-    auto push_next = [&](int c) {
-      const int x = take(c, first[c]);
-      const int y = c == comp[c] ? take(c, first[c]) : take(comp[c], second[c]);
-      if (x >= 0 && y >= 0) heap.emplace(w[x] + w[y], c);
-    };
-    for (int c = 0; c < num_classes && m > 0; ++c) {
-      if (comp[c] < c) continue;
-      first[c] = second[c] = skip;
-      push_next(c);
-    }
-    double total = 0.0;
-    for (int taken = 0; taken < m; ++taken) {
-      if (heap.empty()) return std::numeric_limits<double>::infinity();
-      const auto [inc, c] = heap.top();
-      heap.pop();
-      total += inc;
-      push_next(c);
-    }
-    return total;
-  };
-  // Pruning: excluding e and its partner shifts each class by at most two, so skipping the two
-  // lightest of every class bounds P from above; the partner is at most a class's 2nd lightest.
+  // Pruning: excluding e and f* shifts each class by at most two, so skipping the two lightest
+  // of every class bounds P from above; f* is at most its class's second lightest.
   double partner_upper = 0.0;
   for (const auto& list : members)
-    if (!list.empty()) partner_upper = std::max(partner_upper, w[list[std::min<size_t>(1, list.size() - 1)]]);
-  const double rest_upper = partner_upper + cheapest_pairs(2, -1, -1);
+    if (!list.empty())
+      partner_upper = std::max(partner_upper, w[list[std::min<size_t>(1, list.size() - 1)]]);
+  const double rest_upper = partner_upper + cheapest_pairs(w, members, comp, m, 2)[m];
   // Any subset of experts e gives a valid bound; heaviest first, stop once none can raise it.
   // With very many size classes only the 64 heaviest are tried (O(64 n) instead of O(n^2)).
-  std::vector<int> candidates = heavy_first;
-  if (num_classes > 64 && n > 64) candidates.resize(64);
+  const int tries = (num_classes > 64 && n > 64) ? 64 : n;
   double lb = 0.0;
-  for (int e : candidates) {
+  for (int i = 0; i < tries; ++i) {
+    const int e = heavy_first[i];
     if (w[e] + rest_upper <= lb) break;
-    const int cf = comp[cls[e]];
     int f = -1;
-    for (int x : members[cf])
+    for (int x : members[comp[cls[e]]])
       if (x != e) {
         f = x;
         break;
       }
     if (f < 0) continue;  // no partner: cannot happen for a detected pair structure
-    const double pairs = cheapest_pairs(0, e, f);
+    const double pairs = cheapest_pairs(w, members, comp, m, 0, e, f)[m];
     if (pairs < std::numeric_limits<double>::infinity()) lb = std::max(lb, w[e] + w[f] + pairs);
   }
+  return lb;
+}
+
+// Matching bound for two pairs per rank (k = 4), the common MoDSE layout.  With M = 2R pair
+// units sorted u_1 >= ... >= u_M, every rank holding two units has max >= u_i + u_{M+1-i} for
+// each i <= R: otherwise each of the i largest units would need a partner below u_{M+1-i}, and
+// only i - 1 units are.  Units are not fixed (the pairing is free), so lower bounds are used:
+//  * u_i >= V_i, V = sorted lower bounds per unit: every non-middle unit holds one expert x of
+//    a larger-than-half class (and one of a smaller one), weighing >= w[x] + lightest of
+//    comp(x); middle units' heavier members dominate the 1st, 3rd, 5th... heaviest middle
+//    experts.  Either side gives a valid sorted vector; their elementwise max is used.
+//  * u_{M+1-i} >= max(V_{M+1-i}, P_i / i): the i smallest units are i disjoint pairs.
+inline double paired_matching_bound(const std::vector<double>& w,
+                                    const std::vector<std::vector<int>>& members,
+                                    const std::vector<int>& comp, int R) {
+  const int num_classes = static_cast<int>(comp.size());
+  std::vector<double> big, small;  // unit lower bounds via the big / the small member
+  for (int c = 0; c < num_classes; ++c) {
+    if (members[c].empty()) continue;
+    const int d = comp[c];
+    if (d == c) {  // middle: pairs within the class, members lightest first
+      const auto& mid = members[c];
+      for (size_t j = mid.size(); j >= 2; j -= 2) {
+        const double v = w[mid[j - 1]] + w[mid[0]];  // 1st, 3rd, ... heaviest + lightest
+        big.push_back(v);
+        small.push_back(v);
+      }
+      continue;
+    }
+    if (members[d].empty()) return 0.0;
+    auto& side = c > d ? big : small;  // classes are numbered by size
+    for (int x : members[c]) side.push_back(w[x] + w[members[d][0]]);
+  }
+  const int M = 2 * R;
+  if (static_cast<int>(big.size()) != M || static_cast<int>(small.size()) != M) return 0.0;
+  std::sort(big.begin(), big.end(), std::greater<double>());
+  std::sort(small.begin(), small.end(), std::greater<double>());
+  std::vector<double> v(M);
+  for (int i = 0; i < M; ++i) v[i] = std::max(big[i], small[i]);
+  const std::vector<double> P = cheapest_pairs(w, members, comp, R);
+  double lb = 0.0;
+  for (int i = 1; i <= R; ++i) {
+    const double tail = std::max(v[M - i], P[i] / i);
+    if (tail < std::numeric_limits<double>::infinity()) lb = std::max(lb, v[i - 1] + tail);
+  }
+  return lb;
+}
+
+// All paired-mode bounds (valid only for the paired problem).
+inline double paired_lower_bound(const std::vector<double>& w, const std::vector<int>& cls,
+                                 const std::vector<int>& comp, int R, int k,
+                                 const std::vector<int>* desc = nullptr) {
+  std::vector<int> storage;
+  const std::vector<int>& heavy_first = desc_or(w, desc, storage);
+  const auto members = class_members(w, cls, static_cast<int>(comp.size()), heavy_first);
+  double lb = paired_partner_bound(w, members, cls, comp, k, heavy_first);
+  if (k == 4) lb = std::max(lb, paired_matching_bound(w, members, comp, R));
   return lb;
 }
 

@@ -10,8 +10,8 @@
 // descent); paired mode plugs in a scanner whose moves keep every bin a union of complementary
 // pairs.
 //  * descend_heaviest: best move between the heaviest bin and any other, repeatedly;
-//  * balance_sweep: when that is stuck, even out every (heaviest i-th, lightest i-th) pair of
-//    bins to reshuffle, then descend again (a few rounds).
+//  * balance_sweep: when that is stuck, even out pairs of bins (all pairs for R <= 32, else
+//    the i-th heaviest with the i-th lightest) to reshuffle, then descend again (a few rounds).
 // No move ever raises the largest load, so the result is never worse than the start.
 #pragma once
 

@@ -212,11 +212,13 @@ inline std::vector<int> paired_heuristic(const std::vector<double>& w, const Pai
     const Units u = pairing == 0 ? units_by_size(ps, w) : units_balanced(ps, w, desc);
     // Starts only: exact for 1-2 units per bin, else LPT and differencing without unit-level
     // descent (the expert-level descent below subsumes unit swaps).
-    if (k / 2 <= 2) {
-      starts.emplace_back(w, expand_units(u, heuristic_partition(u.w, R, k / 2, target, 0, nullptr), n), R, k);
+    const int m = k / 2;
+    if (m <= 2) {
+      starts.emplace_back(w, expand_units(u, heuristic_partition(u.w, R, m, target, 0, nullptr), n),
+                          R, k);
     } else {
-      starts.emplace_back(w, expand_units(u, lpt_cardinality(u.w, R, k / 2), n), R, k);
-      starts.emplace_back(w, expand_units(u, balanced_differencing(u.w, R, k / 2), n), R, k);
+      starts.emplace_back(w, expand_units(u, lpt_cardinality(u.w, R, m), n), R, k);
+      starts.emplace_back(w, expand_units(u, balanced_differencing(u.w, R, m), n), R, k);
     }
   }
   return best_of_starts(

@@ -104,7 +104,9 @@ def _load_file(path: str) -> np.ndarray:
     except OSError as exc:
         raise ValueError(f"cannot read --loads-from {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--loads-from {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        raise ValueError(
+            f"--loads-from {path} is not valid JSON: {exc.msg} (line {exc.lineno})"
+        ) from None
     if isinstance(data, dict):
         if "layers" in data:
             rows = data["layers"]
@@ -214,7 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         # One layer: the plan itself; many: {"sizes", "layers": [plan, ...]}.
         layers = [batch[i].to_dict() for i in range(len(batch))]
-        out = {**layers[0], "sizes": sizes} if len(layers) == 1 else {"sizes": sizes, "layers": layers}
+        if len(layers) == 1:
+            out = {**layers[0], "sizes": sizes}
+        else:
+            out = {"sizes": sizes, "layers": layers}
         print(json.dumps(out, indent=2))
     else:
         print(format_batch(batch, args.details))

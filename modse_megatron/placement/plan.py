@@ -169,7 +169,9 @@ def parse_ratios(text: str) -> list[tuple[float, float]]:
         try:
             pairs.append((float(parts[0]), float(parts[1])))
         except ValueError:
-            raise ValueError(f"ratio {item.strip()!r} has a non-number: write pairs like 4.5:0.5") from None
+            raise ValueError(
+                f"ratio {item.strip()!r} has a non-number: write pairs like 4.5:0.5"
+            ) from None
     return pairs
 
 

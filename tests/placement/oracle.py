@@ -57,7 +57,8 @@ def is_pair_structured(sizes: Sequence[float]) -> bool:
     """Sorted, s[i] + s[n-1-i] is constant (MoDSE complementary pairs)."""
     s = sorted(sizes)
     c = s[0] + s[-1]
-    return len(s) % 2 == 0 and all(abs(s[i] + s[-1 - i] - c) <= 1e-9 * c for i in range(len(s) // 2))
+    half = range(len(s) // 2)
+    return len(s) % 2 == 0 and all(abs(s[i] + s[-1 - i] - c) <= 1e-9 * c for i in half)
 
 
 def lpt_with_cardinality(weights: Sequence[float], num_ranks: int) -> list[int]:

@@ -102,7 +102,9 @@ def test_bad_json_file(capsys, tmp_path):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("entry", [["-m", "modse_megatron.placement.cli"], ["tools/plan_placement.py"]])
+@pytest.mark.parametrize(
+    "entry", [["-m", "modse_megatron.placement.cli"], ["tools/plan_placement.py"]]
+)
 def test_runs_as_a_program(entry):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
