@@ -74,6 +74,14 @@ def destroy_parallel_state() -> None:
 
     clear_aux_losses_tracker()
     parallel_state.destroy_model_parallel()
+    # destroy_model_parallel only forgets megatron's groups; each gloo group keeps its worker
+    # threads alive, so a long-lived pool would accumulate hundreds of them. Destroy them.
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
+
+    for group in list(_world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
