@@ -30,3 +30,24 @@ def make_dataset(tmp_path, name: str = "corpus", n_docs: int = 300, vocab_size: 
     preprocess([str(src)], prefix, train_tokenizer=True, vocab_size=vocab_size, append_eod=True,
                progress=False)
     return prefix, prefix + ".tokenizer.json", texts
+
+
+def run_concurrently(target, args, n: int = 2, timeout: float = 120.0) -> list:
+    """Start ``n`` forked processes running ``target(*args, queue)`` at once; their results.
+
+    Each ``target`` puts one result on the queue; a process that fails makes the test fail.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, queue)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=timeout) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0] * n
+    return results
