@@ -38,7 +38,10 @@ inline std::vector<int> group_bins_into_nodes(const std::vector<double>& bin_inf
   return fresh;
 }
 
-// Step 2 above: swaps experts between the busiest node and another node under the compute cap.
+// Step 2 above: swaps experts between the busiest node A and another node B under the compute
+// cap.  For expert a on A the best partner b has t[b] closest to t[a] - (I_A - I_B) / 2 (the
+// result max(I_A - dt, I_B + dt) is V-shaped in t[b]), so B's experts are sorted by load and
+// walked outward from that point until one satisfies the cap (and, paired, the size class).
 // The 2 least busy nodes are tried first and the rest only when they offer nothing (as in
 // descend_heaviest), so a stop is still a local optimum.
 inline void refine_node_inflow(const std::vector<double>& t, const std::vector<double>& w,
@@ -55,6 +58,7 @@ inline void refine_node_inflow(const std::vector<double>& t, const std::vector<d
   const double cap_tol = cap + eps_of(cap);
   std::vector<std::vector<int>> members(N);
   std::vector<int> nodes(N);
+  auto by_load = [&](int x, int y) { return t[x] < t[y] || (t[x] == t[y] && x < y); };
   for (int iter = 0; iter < max_iters; ++iter) {
     const int A = static_cast<int>(std::max_element(inflow.begin(), inflow.end()) - inflow.begin());
     const double IA = inflow[A];
@@ -72,17 +76,29 @@ inline void refine_node_inflow(const std::vector<double>& t, const std::vector<d
         const int B = nodes[i];
         const double IB = inflow[B];
         if (B == A || IA - IB <= eps) continue;
+        std::vector<int>& mb = members[B];
+        std::sort(mb.begin(), mb.end(), by_load);
         for (int a : members[A]) {
-          const int ra = bin_of[a];
-          for (int b : members[B]) {
+          const double ideal = t[a] - 0.5 * (IA - IB);
+          auto below = [&](int x, double v) { return t[x] < v; };
+          int right =
+              static_cast<int>(std::lower_bound(mb.begin(), mb.end(), ideal, below) - mb.begin());
+          int left = right - 1;
+          while (left >= 0 || right < static_cast<int>(mb.size())) {
+            const bool go_left = right >= static_cast<int>(mb.size()) ||
+                                 (left >= 0 && ideal - t[mb[left]] <= t[mb[right]] - ideal);
+            const int b = go_left ? mb[left--] : mb[right++];
             const double dt = t[a] - t[b];
-            if (dt <= eps || std::max(IA - dt, IB + dt) >= best) continue;
+            const double value = std::max(IA - dt, IB + dt);
+            if (value >= best) break;  // farther candidates are no better
+            if (dt <= eps) continue;
             if (cls && (*cls)[a] != (*cls)[b]) continue;
             const double dw = w[a] - w[b];
-            if (load[ra] - dw > cap_tol || load[bin_of[b]] + dw > cap_tol) continue;
-            best = std::max(IA - dt, IB + dt);
+            if (load[bin_of[a]] - dw > cap_tol || load[bin_of[b]] + dw > cap_tol) continue;
+            best = value;
             best_a = a;
             best_b = b;
+            break;  // the nearest feasible partner is the best one for this a
           }
         }
       }
