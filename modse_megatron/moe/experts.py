@@ -172,10 +172,36 @@ class MoDSEExperts(MegatronModule):
             if cfg.perform_initialization:
                 cfg.init_method(w1_full)
                 cfg.output_layer_init_method(w2_full)
-        lo, hi = etp_rank * width // etp, (etp_rank + 1) * width // etp
-        w1 = torch.cat([part[lo:hi] for part in w1_full.chunk(g, dim=0)], dim=0)
-        w2 = w2_full[:, lo:hi]
-        return w1.to(cfg.params_dtype).contiguous(), w2.to(cfg.params_dtype).contiguous()
+        w1, w2 = etp_shard(w1_full, w2_full, etp, etp_rank, self.gated)
+        return w1.to(cfg.params_dtype), w2.to(cfg.params_dtype)
+
+    # ---------------------------------------------------------------- logical (full) weights
+    @torch.no_grad()
+    def load_full_expert(self, logical_id: int, w1_GWD: torch.Tensor, w2_DW: torch.Tensor) -> None:
+        """Copy an expert's full (unsharded) weights into this rank's ETP shard."""
+        expert = self.local_experts[self.logical_ids.index(logical_id)]
+        w1, w2 = etp_shard(w1_GWD, w2_DW, self.tp_group.size(), self.tp_group.rank(), self.gated)
+        expert.linear_fc1.weight.copy_(w1)
+        expert.linear_fc2.weight.copy_(w2)
+
+    @torch.no_grad()
+    def full_expert_tensors(self, grads: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{logical_id: (w1_GWD, w2_DW)}`` of the local experts, gathered over expert-TP
+        (weights, or their gradients with ``grads=True``). Collective over the ETP group."""
+        etp = self.tp_group.size()
+        out = {}
+        for expert in self.local_experts:
+            pair = []
+            for param, dim in ((expert.linear_fc1.weight, 0), (expert.linear_fc2.weight, 1)):
+                t = (param.grad if grads else param).detach().contiguous()
+                parts = [torch.empty_like(t) for _ in range(etp)]
+                torch.distributed.all_gather(parts, t, group=self.tp_group)
+                if dim == 0 and self.gated:  # every shard is [gate; up]: regroup the halves
+                    gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
+                    parts = list(gates) + list(ups)
+                pair.append(torch.cat(parts, dim=dim))
+            out[expert.logical_id] = (pair[0], pair[1])
+        return out
 
     # ---------------------------------------------------------------------------- forward
     def forward(
@@ -251,6 +277,15 @@ class MoDSEExperts(MegatronModule):
                     sh = apply_swiglu_sharded_factory(sh, sharded_offsets)
                 out[f"{prefix}local_experts.{i}.{name}.weight"] = sh
         return out
+
+
+def etp_shard(w1_GWD: torch.Tensor, w2_DW: torch.Tensor, etp: int, rank: int, gated: bool):
+    """ETP rank ``rank``'s shard of an expert's full weights: the same hidden units
+    ``[rank*W/etp, (rank+1)*W/etp)`` of fc1 (of both halves when gated) and of fc2's columns."""
+    width = w2_DW.shape[1]
+    lo, hi = rank * width // etp, (rank + 1) * width // etp
+    w1 = torch.cat([part[lo:hi] for part in w1_GWD.chunk(2 if gated else 1, dim=0)], dim=0)
+    return w1.contiguous(), w2_DW[:, lo:hi].contiguous()
 
 
 # -------------------------------------------------------------------------------- fast path
@@ -351,4 +386,4 @@ def _grouped_forward(x_TD, probs_T, offsets, members, w1s, w2s, activation, y_TD
         hs[e] = h_TGW[offsets[e] - s : offsets[e + 1] - s]
 
 
-__all__ = ["Expert", "IMPLS", "MoDSEExperts"]
+__all__ = ["Expert", "IMPLS", "MoDSEExperts", "etp_shard"]

@@ -56,7 +56,13 @@ def _run(module, x, probs, counts, grad_seed=3):
 
 
 # ------------------------------------------------------------------ uniform == SequentialMLP
-def _uniform_vs_sequential(activation, impl, counts):
+def _uniform_vs_sequential(activation, counts):
+    from modse_megatron.moe.experts import IMPLS
+
+    return all(_uniform_vs_sequential_impl(activation, impl, counts) for impl in IMPLS)
+
+
+def _uniform_vs_sequential_impl(activation, impl, counts):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import build_module
@@ -77,28 +83,31 @@ def _uniform_vs_sequential(activation, impl, counts):
     return True
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "swiglu_clamped"])
 @pytest.mark.parametrize("etp", [1, 2])
-def test_uniform_widths_match_megatron_sequential_mlp(dist2, activation, impl, etp):
+def test_uniform_widths_match_megatron_sequential_mlp(dist2, activation, etp):
+    """Both implementations (loop oracle and fast path) against megatron's SequentialMLP."""
     counts = [5, 0, 9, 3]  # includes an expert that receives no tokens
-    assert all(dist2.run(_uniform_vs_sequential, activation, impl, counts, etp=etp))
+    assert all(dist2.run(_uniform_vs_sequential, activation, counts, etp=etp))
 
 
 # ------------------------------------------------------------------ fast path == loop oracle
-def _fast_vs_loop(activation, widths, counts, grouped_mm, dtype):
+def _fast_vs_loop(activation, widths, counts, dtype=torch.float32):
+    """The fast path, with and without ``torch._grouped_mm``, against the loop oracle."""
     config = _config(activation, len(widths), params_dtype=dtype)
     loop = _experts(config, widths, "loop")
-    fast = _experts(config, widths, "grouped", use_grouped_mm=grouped_mm)
-    fast.load_state_dict(loop.state_dict())
     x, probs, tpe = _inputs(counts, seed=5)
     x = x.to(dtype)
-    ref, out = _run(loop, x, probs, tpe), _run(fast, x, probs, tpe)
+    ref = _run(loop, x, probs, tpe)
     rtol = RTOL if dtype == torch.float32 else 1e-2
-    for what, a, b in zip(("output", "x grad", "probs grad"), out[:3], ref[:3]):
-        assert_close_rel(a, b, rtol, what)
-    for name, g in ref[3].items():
-        assert_close_rel(out[3][name], g, rtol, name)
+    for grouped_mm in (False, True):
+        fast = _experts(config, widths, "grouped", use_grouped_mm=grouped_mm)
+        fast.load_state_dict(loop.state_dict())
+        out = _run(fast, x, probs, tpe)
+        for what, a, b in zip(("output", "x grad", "probs grad"), out[:3], ref[:3]):
+            assert_close_rel(a, b, rtol, f"{what} (grouped_mm={grouped_mm})")
+        for name, g in ref[3].items():
+            assert_close_rel(out[3][name], g, rtol, f"{name} (grouped_mm={grouped_mm})")
     return True
 
 
@@ -112,45 +121,25 @@ FAST_CASES = [  # (widths, tokens per expert)
 
 
 @pytest.mark.parametrize("widths, counts", FAST_CASES)
-@pytest.mark.parametrize("grouped_mm", [False, True])
-def test_fast_path_matches_loop_oracle(dist2, widths, counts, grouped_mm):
-    assert all(dist2.run(_fast_vs_loop, "swiglu", widths, counts, grouped_mm, torch.float32))
+def test_fast_path_matches_loop_oracle(dist2, widths, counts):
+    assert all(dist2.run(_fast_vs_loop, "swiglu", widths, counts))
 
 
 @pytest.mark.parametrize("activation", ["geglu", "gelu", "swiglu_clamped"])
-@pytest.mark.parametrize("grouped_mm", [False, True])
-def test_fast_path_matches_loop_oracle_activations(dist2, activation, grouped_mm):
+def test_fast_path_matches_loop_oracle_activations(dist2, activation):
     widths, counts = FAST_CASES[2]
-    assert all(dist2.run(_fast_vs_loop, activation, widths, counts, grouped_mm, torch.float32))
+    assert all(dist2.run(_fast_vs_loop, activation, widths, counts))
 
 
 def test_fast_path_bf16(dist2):
-    assert all(dist2.run(_fast_vs_loop, "swiglu", [72, 8], [6, 3], False, torch.bfloat16))
+    assert all(dist2.run(_fast_vs_loop, "swiglu", [72, 8], [6, 3], torch.bfloat16))
 
 
 # ------------------------------------------------------------------ ETP sharding and init
-def _full_weights(module):
-    """Logical (unsharded) fc1/fc2 per logical id, gathered over the expert-TP group."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_expert_tensor_parallel_group()
-    out = {}
-    for expert in module.local_experts:
-        w1, w2 = expert.linear_fc1.weight.detach(), expert.linear_fc2.weight.detach()
-        parts1 = [torch.empty_like(w1) for _ in range(group.size())]
-        parts2 = [torch.empty_like(w2) for _ in range(group.size())]
-        dist.all_gather(parts1, w1.contiguous(), group=group)
-        dist.all_gather(parts2, w2.contiguous(), group=group)
-        gates, ups = zip(*(p.chunk(2, dim=0) for p in parts1)) if module.gated else (parts1, [])
-        out[expert.logical_id] = (torch.cat(list(gates) + list(ups), dim=0), torch.cat(parts2, dim=1))
-    return out
-
-
 def _init_weights(widths, logical_ids):
     torch.manual_seed(77)
     module = _experts(_config("swiglu", len(widths)), widths, logical_ids=logical_ids)
-    return _full_weights(module)
+    return module.full_expert_tensors()
 
 
 def test_initialisation_depends_on_logical_id_only(dist2):
@@ -174,7 +163,7 @@ def _etp_partial_sums(widths, counts):
     torch.manual_seed(3)
     config = _config("swiglu", len(widths))
     module = _experts(config, widths)
-    full = _full_weights(module)
+    full = module.full_expert_tensors()
     x, probs, tpe = _inputs(counts, seed=9)
     out, x_grad, probs_grad, _ = _run(module, x, probs, tpe)
     for t in (out, x_grad, probs_grad):

@@ -1,0 +1,123 @@
+"""The MoDSE MoE layer: megatron's ``MoELayer`` with variable-width experts and a placement.
+
+Nothing of ``MoELayer``'s forward, dispatchers or aux-loss plumbing is forked. The subclass
+only decides, before megatron builds anything, *what* it builds:
+
+* the expert widths (``MoDSEConfig.expert_widths``) and a placement (``moe.placement``),
+  realised as the physical slot order ``slot_to_logical`` (slots ``[r*L, (r+1)*L)`` live on
+  EP rank r, exactly as megatron's dispatchers expect);
+* the router: ``MoDSERouter`` (rows in slot order, checkpointed in logical order,
+  learned/frozen/random, token/sequence routing) through ``MoESubmodules.router``;
+* the experts: :class:`~modse_megatron.moe.experts.MoDSEExperts` built with this rank's
+  widths and logical ids through ``MoESubmodules.experts``.
+
+Checkpoints come out layout-free: experts are keyed by logical id and the router writes
+logical rows, so a layer saved at one EP/ETP size or placement loads at any other.
+Re-planning (later) = a new ``slot_to_logical``: permute router rows, move expert weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import torch
+
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ..config import MoDSEConfig
+from .experts import MoDSEExperts
+from .placement import check_slot_order, resolve_ranks, slot_order
+from .router import MoDSERouter
+
+
+def resolve_experts_impl(requested: str) -> str:
+    """Map ``MoDSEConfig.moe_experts_impl`` to an implementation of :class:`MoDSEExperts`.
+
+    ``auto`` is the grouped fast path (faster than the loop in ``benchmarks/moe_layer.py``).
+    """
+    if requested == "auto":
+        return "grouped"
+    if requested == "te":
+        raise ValueError(
+            "moe_experts_impl='te' (TransformerEngine experts) is not available yet: use auto, "
+            "grouped or loop"
+        )
+    return requested
+
+
+class MoDSEMoELayer(MoELayer):
+    """``MoELayer`` whose experts have individual widths and live where a placement says.
+
+    Args (beyond ``MoELayer``'s):
+        modse_config: MoDSE options (widths, placement, router variant, experts impl).
+        expert_widths: override the widths resolved from ``modse_config`` (logical order).
+        slot_to_logical: override the placement: logical expert in each physical slot.
+    """
+
+    def __init__(
+        self,
+        config,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection=None,
+        *,
+        modse_config: Optional[MoDSEConfig] = None,
+        expert_widths: Optional[Sequence[int]] = None,
+        slot_to_logical: Optional[Sequence[int]] = None,
+    ):
+        modse_config = modse_config if modse_config is not None else MoDSEConfig()
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        num_experts = config.num_moe_experts
+        widths = list(expert_widths) if expert_widths is not None else modse_config.expert_widths(config)
+        if len(widths) != num_experts:
+            raise ValueError(f"{len(widths)} expert widths for num_moe_experts={num_experts}: give one per expert")
+        ep_size, ep_rank = pg_collection.ep.size(), pg_collection.ep.rank()
+        if slot_to_logical is None:
+            ranks = resolve_ranks(modse_config.moe_expert_placement, widths, ep_size)
+            slot_to_logical = slot_order(ranks, ep_size)
+        slots = check_slot_order(slot_to_logical, num_experts)
+        per_rank = num_experts // ep_size
+        local_ids = slots[ep_rank * per_rank : (ep_rank + 1) * per_rank]
+
+        experts = ModuleSpec(
+            module=MoDSEExperts,
+            params=dict(
+                expert_widths=[widths[e] for e in local_ids],
+                logical_ids=local_ids,
+                impl=resolve_experts_impl(modse_config.moe_experts_impl),
+            ),
+        )
+        router = functools.partial(
+            MoDSERouter,
+            router_type=modse_config.moe_router_type,
+            granularity=modse_config.moe_routing_granularity,
+            slot_to_logical=slots,
+        )
+        submodules = dataclasses.replace(submodules or MoESubmodules(), experts=experts, router=router)
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        self.modse_config = modse_config
+        self.expert_widths = widths
+        """Full width of every logical expert."""
+        self.slot_to_logical = slots
+        """Logical expert held by each physical slot (router column / dispatcher index)."""
+
+    @property
+    def local_logical_ids(self) -> list[int]:
+        """Logical ids of this rank's experts, in local (slot) order."""
+        return list(self.experts.logical_ids)
+
+    @property
+    def routing_stats(self) -> torch.Tensor:
+        """Tokens this rank routed to each logical expert since the last reset (router's)."""
+        return self.router.routing_stats
+
+    def reset_routing_stats(self) -> None:
+        """Start a new routing-statistics window."""
+        self.router.reset_routing_stats()
+
+
+__all__ = ["MoDSEMoELayer", "resolve_experts_impl"]

@@ -1,0 +1,116 @@
+"""Layer specs that make megatron's ``GPTModel`` build MoDSE MoE layers.
+
+We take megatron's own GPT specs (local or TransformerEngine backend; its handling of
+``moe_layer_freq``, pipeline stages and layouts included) and swap only the MLP of MoE layers
+for :class:`~modse_megatron.moe.layer.MoDSEMoELayer`, keeping megatron's shared-expert spec so
+a shared ("generalist") expert combines with the MoDSE experts. With ``num_moe_experts=None``
+the same functions return megatron's dense spec (the dense baseline); uniform widths give a
+uniform MoE through the same MoDSE path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from ..config import MoDSEConfig
+from .layer import MoDSEMoELayer
+
+BACKENDS = ("local", "te")
+
+
+def _check_backend(backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid: use one of {', '.join(BACKENDS)}")
+    return backend == "te"
+
+
+def modse_mlp_spec(moe_spec: ModuleSpec, modse_config: MoDSEConfig) -> ModuleSpec:
+    """Turn megatron's ``MoELayer`` spec into the MoDSE layer's (router/experts are chosen by
+    the layer from ``modse_config``; the shared-expert spec is kept)."""
+    shared = moe_spec.submodules.shared_experts if moe_spec.submodules is not None else None
+    return ModuleSpec(
+        module=MoDSEMoELayer,
+        params={**moe_spec.params, "modse_config": modse_config},
+        submodules=MoESubmodules(shared_experts=shared),
+        metainfo=dict(moe_spec.metainfo),
+    )
+
+
+def modse_layer_spec(layer_spec: ModuleSpec, modse_config: MoDSEConfig) -> ModuleSpec:
+    """A TransformerLayer spec with its MoE MLP (if any) replaced by the MoDSE layer."""
+    mlp = layer_spec.submodules.mlp
+    if not (isinstance(mlp, ModuleSpec) and mlp.module is MoELayer):
+        return layer_spec  # dense layer: unchanged
+    submodules = dataclasses.replace(layer_spec.submodules, mlp=modse_mlp_spec(mlp, modse_config))
+    return dataclasses.replace(layer_spec, submodules=submodules)
+
+
+def get_modse_gpt_layer_spec(
+    modse_config: MoDSEConfig,
+    transformer_config,
+    backend: str = "local",
+    normalization: Optional[str] = None,
+    qk_l2_norm: bool = False,
+) -> ModuleSpec:
+    """GPT TransformerLayer spec whose MLP is the MoDSE MoE layer (dense if no experts).
+
+    ``normalization`` defaults to ``transformer_config.normalization``.
+    """
+    use_te = _check_backend(backend)
+    modse_config.validate(transformer_config)
+    tc = transformer_config
+    common = dict(
+        num_experts=tc.num_moe_experts,
+        qk_layernorm=tc.qk_layernorm,
+        multi_latent_attention=tc.multi_latent_attention,
+        qk_l2_norm=qk_l2_norm,
+    )
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(**common)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=normalization or tc.normalization, **common)
+    return modse_layer_spec(spec, modse_config)
+
+
+def get_modse_decoder_block_spec(
+    modse_config: MoDSEConfig,
+    transformer_config,
+    backend: str = "local",
+    normalization: Optional[str] = None,
+    qk_l2_norm: bool = False,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+) -> TransformerBlockSubmodules:
+    """Decoder block spec: megatron's dense/MoE layer pattern (``moe_layer_freq``) and pipeline
+    slicing (only this stage's layers), with MoDSE MoE layers. Pass it to ``GPTModel`` as
+    ``transformer_layer_spec``."""
+    use_te = _check_backend(backend)
+    modse_config.validate(transformer_config)
+    block = get_gpt_decoder_block_spec(
+        transformer_config,
+        use_transformer_engine=use_te,
+        normalization=normalization or transformer_config.normalization,
+        qk_l2_norm=qk_l2_norm,
+        vp_stage=vp_stage,
+        pp_rank=pp_rank,
+    )
+    layer_specs = [modse_layer_spec(spec, modse_config) for spec in block.layer_specs]
+    return dataclasses.replace(block, layer_specs=layer_specs)
+
+
+__all__ = [
+    "BACKENDS",
+    "get_modse_decoder_block_spec",
+    "get_modse_gpt_layer_spec",
+    "modse_layer_spec",
+    "modse_mlp_spec",
+]
