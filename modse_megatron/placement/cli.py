@@ -64,33 +64,54 @@ def _ints(text: str, what: str) -> list[int]:
         raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+DESCRIPTION = """\
+Place MoDSE experts (different FFN widths) on expert-parallel ranks, per MoE layer:
+equal memory per rank where the sizes allow it (complementary pairs share a rank), then
+minimal max compute (sum of load x width per rank), then balanced token inflow per node,
+then the fewest bytes moved from --previous.  Every plan reports its proven lower bound,
+the gap to it, and whether it is optimal."""
+
+EPILOG = """\
+examples:
+  modse-plan --ratios 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 --unit 256 --ranks 4
+  modse-plan --widths 1152,128,1024,256 --loads 10,3,7,9 --ranks 2 --json
+  modse-plan --ratios 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 --unit 256 --repeat 8 \\
+      --loads-from routing.json --ranks 16 --ranks-per-node 8"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog=PROG,
-        description="Place MoDSE experts (different FFN widths) on expert-parallel ranks: "
-        "equal memory per rank where the sizes allow it, then minimal max compute, "
-        "balanced node inflow, and fewest bytes moved from a previous placement.",
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sizes = p.add_mutually_exclusive_group(required=True)
-    sizes.add_argument("--widths", help="expert FFN widths (or parameter counts), e.g. 1152,128")
+    sizes.add_argument("--widths", metavar="W,W,...",
+                       help="expert FFN widths (or parameter counts), e.g. 1152,128")
     sizes.add_argument(
-        "--ratios",
+        "--ratios", metavar="A:B,...",
         help="MoDSE pairs a:b of a unit width, e.g. 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 (needs --unit)",
     )
-    p.add_argument("--unit", type=int, help="width of one ratio unit, e.g. 256")
-    p.add_argument("--repeat", type=int, default=1, help="repeat the ratio list N times")
+    p.add_argument("--unit", type=int, metavar="U", help="width of one ratio unit, e.g. 256")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="repeat the ratio list N times (default 1)")
     loads = p.add_mutually_exclusive_group()
-    loads.add_argument("--loads", help="tokens per expert, comma-separated (default: uniform)")
+    loads.add_argument("--loads", metavar="T,T,...",
+                       help="tokens per expert, comma-separated (default: uniform)")
     loads.add_argument("--loads-from", metavar="FILE", help=LOADS_FROM_HELP)
-    p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks; divides n")
-    p.add_argument("--ranks-per-node", type=int, help="GPUs per node (balances node inflow)")
-    p.add_argument("--previous", help="current rank of every expert, comma-separated")
-    p.add_argument("--balance", choices=BALANCE_MODES, default=BALANCE_MODES[0])
-    p.add_argument("--bytes-per-param", type=float, default=1.0, help="for moved bytes")
+    p.add_argument("--ranks", type=int, required=True, metavar="R",
+                   help="expert-parallel ranks; must divide the number of experts")
+    p.add_argument("--ranks-per-node", type=int, metavar="G",
+                   help="GPUs per node; must divide R (enables node inflow balancing)")
+    p.add_argument("--previous", metavar="r,r,...",
+                   help="current rank of every expert (plans that move less win ties)")
+    p.add_argument("--balance", choices=BALANCE_MODES, default=BALANCE_MODES[0],
+                   help="memory_then_compute (default): keep complementary pairs together "
+                   "when possible; compute: ignore memory, minimise max compute")
+    p.add_argument("--bytes-per-param", type=float, default=1.0, metavar="B",
+                   help="bytes per unit of size, for moved bytes (default 1)")
     p.add_argument(
-        "--move-slack", type=float, default=0.0,
-        help="accept up to this fraction more max compute to move fewer bytes",
+        "--move-slack", type=float, default=0.0, metavar="X",
+        help="accept up to this fraction more max compute to move fewer bytes (default 0)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--details", action="store_true", help="rank tables for every layer")
