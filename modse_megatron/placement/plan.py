@@ -20,8 +20,16 @@ independent) the planner assigns each of ``n`` experts to one of ``R`` ranks, ex
    rank changed (so pass parameter counts as sizes to get bytes; 0 without ``previous``).
 
 Every plan reports ``lower_bound`` (proven: no valid plan of the same problem is better),
-``gap`` (percent above it) and ``optimal``.  Redundant expert replicas are not planned yet:
-every expert lives on exactly one rank.
+``gap`` (percent above it) and ``optimal``.  In paired mode "the same problem" is the paired
+one (pairs kept together).  The local search stops once within 0.01% of the bound, so a tiny
+nonzero gap is by design.  Redundant expert replicas are not planned yet: every expert lives
+on exactly one rank.
+
+Hierarchy trade-off: DeepSeek's EPLB packs experts to nodes first, then to GPUs, so per-GPU
+balance pays for node balance; here max compute per rank is never raised for node balance.
+Previous placements: the planner also descends from ``previous`` and relabels ranks (a
+maximum-weight assignment of new rank contents to old ranks, per node first), so re-planning
+with unchanged loads moves nothing.
 
 Nothing here imports torch; the C++ core is compiled once by ``pip install``.
 """

@@ -158,6 +158,21 @@ def test_hierarchy_balances_nodes_without_hurting_compute():
     assert sum(hier.node_inflow) == pytest.approx(loads.sum())
     assert max(hier.node_inflow) >= hier.node_inflow_bound * (1 - 1e-12)
     assert np.bincount(np.array(hier.rank_of_expert) // 8, minlength=4).tolist() == [32] * 4
+    again = plan_placement(sizes, loads, 32, ranks_per_node=8, previous=hier.rank_of_expert)
+    assert again.moved_bytes == 0.0
+
+
+@pytest.mark.parametrize("num_ranks", [1, 4, 256])
+def test_degenerate_inputs(num_ranks):
+    """Zero loads, one rank, one expert per rank, many ranks (greedy relabelling)."""
+    n = 4 * num_ranks if num_ranks > 1 else 5
+    plan = plan_placement([3.0] * n, [0.0] * n, num_ranks)
+    assert plan.max_compute == 0.0 and plan.optimal and plan.gap == 0.0
+    rng = np.random.default_rng(7)
+    loads = rng.lognormal(size=n)
+    first = plan_placement([3.0] * n, loads, num_ranks)
+    again = plan_placement([3.0] * n, loads, num_ranks, previous=first.rank_of_expert)
+    assert again.moved_bytes == 0.0
 
 
 def test_threads_do_not_change_results():
