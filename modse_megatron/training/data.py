@@ -228,8 +228,11 @@ def build_gpt_datasets(
       the others then load them.
     * ``torch.distributed`` initialised: **call this on every rank** (it is collective: megatron
       builds on global rank 0, barriers, then the other ranks load rank 0's cache files), with
-      the **same arguments**, and a ``cache_dir`` that every rank can read (the same directory
-      on one machine, or a shared file system across machines). ``is_built_on_rank`` (default:
+      the **same arguments** (megatron names its cache files by a hash that includes the data
+      path, so every rank must see the data under the same path), and a ``cache_dir`` that every
+      rank can read (the same directory on one machine, or a shared file system across
+      machines). Do not call it on rank 0 first and on the others afterwards: rank 0 would wait
+      in megatron's barrier for ranks that are not in the call. ``is_built_on_rank`` (default:
       every rank) lets ranks that never read data (e.g. TP rank > 0) get ``None`` instead.
     """
     prefixes, weights = parse_data_prefix(data_prefix)
@@ -241,13 +244,8 @@ def build_gpt_datasets(
     if weights is not None and None in sizes:
         raise DataError("a weighted blend needs explicit num_samples for every split (None is "
                         "only for single datasets or unweighted blends)")
-    for prefix in prefixes:
-        info = check_indexed_dataset(prefix, tokenizer.vocab_size)
-        if weights is None or len(prefixes) == 1:
-            _check_splits(info, split, seq_length, sizes)
-        else:  # megatron asks each blended dataset for its weighted share
-            share = [None if s is None else max(1, s) if s else 0 for s in sizes]
-            _check_splits(info, split, seq_length, share)
+    for prefix in prefixes:  # in a blend, every dataset contributes to every requested split
+        _check_splits(check_indexed_dataset(prefix, tokenizer.vocab_size), split, seq_length, sizes)
 
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

@@ -61,73 +61,80 @@ class PreprocessStats:
 
 
 # --- reading documents ----------------------------------------------------------------------
-def read_documents(path: str, json_key: str = "text", txt_document: str = "paragraph") -> Iterator[str]:
-    """Yield the documents of one input file (format by suffix, see the module docstring)."""
+def read_documents(path: str, json_key: str = "text", txt_document: str = "paragraph",
+                   progress=None) -> Iterator[str]:
+    """Yield the documents of one input file (format by suffix, see the module docstring).
+
+    Reads line by line (inputs may be far larger than memory); ``progress`` (a tqdm) advances
+    by the bytes read.
+    """
     if not os.path.isfile(path):
         raise DataError(f"input file {path} does not exist; check the --input paths")
+    lines = _numbered_lines(path, progress)
     if path.endswith(JSON_SUFFIXES):
-        yield from _read_jsonl(path, json_key)
+        yield from _read_jsonl(path, lines, json_key)
     else:
-        yield from _read_text(path, txt_document)
+        yield from _read_text(path, lines, txt_document)
 
 
-def _read_jsonl(path: str, key: str) -> Iterator[str]:
+def _numbered_lines(path: str, progress) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(raw)
-            except UnicodeDecodeError:
-                raise DataError(f"{where} is not UTF-8; re-encode the file as UTF-8") from None
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where} is not valid JSON ({err.msg} at column {err.colno}); fix or remove that line") from None
-            if not isinstance(obj, dict) or key not in obj:
-                keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(
-                    f"{where} has no key {key!r} (it has: {keys}); pass --json-key with the "
-                    f"key that holds the text"
-                )
-            text = obj[key]
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{where}: {key!r} is a {type(text).__name__}, not a string; pass "
-                    f"--json-key with the key that holds the text"
-                )
-            yield text
+            if progress is not None:
+                progress.update(len(raw))
+            yield lineno, raw
 
 
-def _read_text(path: str, mode: str) -> Iterator[str]:
+def _read_jsonl(path: str, lines, key: str) -> Iterator[str]:
+    for lineno, raw in lines:
+        if not raw.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            obj = json.loads(raw)
+        except UnicodeDecodeError:
+            raise DataError(f"{where} is not UTF-8; re-encode the file as UTF-8") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where} is not valid JSON ({err.msg} at column {err.colno}); "
+                            f"fix or remove that line") from None
+        if not isinstance(obj, dict) or key not in obj:
+            keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+            raise DataError(
+                f"{where} has no key {key!r} (it has: {keys}); pass --json-key with the "
+                f"key that holds the text"
+            )
+        text = obj[key]
+        if not isinstance(text, str):
+            raise DataError(
+                f"{where}: {key!r} is a {type(text).__name__}, not a string; pass "
+                f"--json-key with the key that holds the text"
+            )
+        yield text
+
+
+def _read_text(path: str, lines, mode: str) -> Iterator[str]:
     if mode not in TEXT_MODES:
         raise DataError(f"unknown --txt-document {mode!r}; use one of {', '.join(TEXT_MODES)}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            if mode == "file":
-                yield f.read()
-                return
-            paragraph: list[str] = []
-            for line in f:
-                if line.strip():
-                    paragraph.append(line)
-                elif paragraph:
-                    yield "".join(paragraph)
-                    paragraph = []
-            if paragraph:
-                yield "".join(paragraph)
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path} is not UTF-8 (bad byte at offset {err.start}); re-encode it as UTF-8"
-        ) from None
+    document: list[str] = []
+    for lineno, raw in lines:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path} line {lineno} is not UTF-8; re-encode the file as UTF-8") from None
+        if mode == "file" or line.strip():
+            document.append(line)
+        elif document:  # a blank line ends a paragraph
+            yield "".join(document)
+            document = []
+    if document:
+        yield "".join(document)
 
 
 def iter_documents(paths: Sequence[str], json_key: str = "text",
                    txt_document: str = "paragraph", progress=None) -> Iterator[str]:
-    """Documents of all ``paths`` in order; ``progress`` (a tqdm) advances by file bytes."""
+    """Documents of all ``paths`` in order."""
     for path in paths:
-        yield from read_documents(path, json_key, txt_document)
-        if progress is not None:
-            progress.update(os.path.getsize(path))
+        yield from read_documents(path, json_key, txt_document, progress)
 
 
 # --- writing the indexed dataset ------------------------------------------------------------

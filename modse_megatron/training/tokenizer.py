@@ -97,9 +97,9 @@ class HFTokenizer(MegatronTokenizerBase):
     def unique_identifiers(self) -> OrderedDict:
         """What megatron hashes into its index-cache file names.
 
-        The file's content hash, not its path: ranks that load the same tokenizer from different
-        paths (e.g. each rank's own home cache) must compute the same cache names, or the ranks
-        that wait for rank 0's index files would look for files that never appear.
+        The file's content hash, not its path: the same tokenizer loaded from another copy (a
+        node-local cache, a moved run directory) keeps the same cache names, and a tokenizer
+        retrained in place gets new ones.
         """
         ids = OrderedDict()
         ids["class"] = type(self).__name__

@@ -93,7 +93,7 @@ def _bad_inputs(tmp_path, tokenizer_json):
         "bad json line": (["--input", f"{good},{bad_json}", *tok], "bad.jsonl line 3 is not valid JSON"),
         "missing json key": (["--input", str(no_key), *tok], "nokey.jsonl line 2 has no key 'text'"),
         "wrong --json-key": (["--input", str(good), "--json-key", "body", *tok], "--json-key"),
-        "not utf-8": (["--input", str(latin1), *tok], "latin1.txt is not UTF-8"),
+        "not utf-8": (["--input", str(latin1), *tok], "latin1.txt line 1 is not UTF-8"),
         "missing tokenizer": (["--input", str(good), "--tokenizer", str(tmp_path / "t.json")],
                               "t.json does not exist"),
         "corrupt tokenizer": (["--input", str(good), "--tokenizer", str(broken_tok)],
