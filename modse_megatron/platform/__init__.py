@@ -2,7 +2,9 @@
 
 ``import modse_megatron`` calls :func:`activate`, so a user or a test needs nothing else for
 megatron-core to run on a CPU-only machine. This package is the only place that patches
-anything (see :mod:`modse_megatron.platform.cpu` for each patch and the line it answers).
+anything (see :mod:`modse_megatron.platform.cpu` for each CPU patch and
+:mod:`modse_megatron.platform.fixes` for megatron bugs on its no-apex/TE path, each with the
+line it answers).
 """
 from __future__ import annotations
 
@@ -38,11 +40,13 @@ def check_megatron_version(version: str | None = None) -> str:
 
 
 def activate() -> None:
-    """Check the megatron-core version and, without CUDA, install the CPU layer. Idempotent."""
+    """Check the megatron-core version, install the CPU layer (only without CUDA) and the
+    no-apex/TE fixes (only where megatron lacks apex/TE). Idempotent."""
     check_megatron_version()
-    from . import cpu
+    from . import cpu, fixes
 
     cpu.install()
+    fixes.install()
 
 
 class _ActivateAfterImport(importlib.abc.MetaPathFinder):

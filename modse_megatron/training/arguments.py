@@ -327,8 +327,10 @@ def validate(args: PretrainArgs) -> None:
         raise ConfigError("--save-interval must be positive")
     if args.run.save_interval and not args.run.save:
         raise ConfigError("--save-interval needs --save DIR: say where checkpoints go")
-    if o.lr_warmup_iters > o.train_iters:
-        raise ConfigError(f"--lr-warmup-iters {o.lr_warmup_iters} exceeds --train-iters {o.train_iters}")
+    decay = o.lr_decay_iters or o.train_iters
+    if o.lr_warmup_iters >= decay:
+        raise ConfigError(f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than the decay length {decay} "
+                          f"(--lr-decay-iters, default --train-iters): shorten the warm-up")
     if o.min_lr > o.lr:
         raise ConfigError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
 

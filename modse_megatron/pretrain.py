@@ -1,0 +1,191 @@
+"""``python -m modse_megatron.pretrain`` / ``modse-pretrain``: MoDSE GPT pretraining with megatron-core.
+
+Launch with torchrun, on one machine or many::
+
+    torchrun --nproc-per-node 2 -m modse_megatron.pretrain --config examples/configs/tiny_cpu.yaml
+
+Without ``--data-path`` the built-in corpus (the Python standard library, tokenized with a BPE
+trained on it, cached on first use) is used, so the command works on a fresh machine.
+Every configuration error stops every rank with one line ``modse-pretrain: error: ...``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+from modse_megatron.training.arguments import ConfigError, PretrainArgs, parse_args, world_layout
+
+
+def _init_distributed(args: PretrainArgs) -> dict[str, int]:
+    import torch
+    import torch.distributed as dist
+
+    import modse_megatron  # noqa: F401  (CPU layer on machines without CUDA)
+    from megatron.core import parallel_state, tensor_parallel
+    from modse_megatron.platform import distributed_backend, resolve_device
+
+    device = resolve_device(args.parallel.device)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    layout = world_layout(args, world)  # before any collective: a bad layout fails on every rank alike
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(distributed_backend(device), rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    p = args.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+    )
+    # Megatron-LM's seeding: every PP stage its own stream, TP/EP streams via the tracker.
+    seed = args.optim.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return {**layout, "rank": rank, "world_size": world, "device": device}
+
+
+def _datasets(args: PretrainArgs, layout: dict[str, int]):
+    """Train/valid/test datasets and the tokenizer (built-in corpus unless --data-path)."""
+    from modse_megatron.training.data import build_gpt_datasets, builtin_corpus, load_tokenizer
+
+    d = args.data
+    if d.data_path:
+        if not d.tokenizer:
+            raise ConfigError("--data-path needs --tokenizer PATH/tokenizer.json (the tokenizer the data was made with)")
+        prefix, tokenizer_path = d.data_path, d.tokenizer
+    else:
+        # Rank 0 builds the cache; the others then find it (the build is lock-safe anyway).
+        _rank0_first(lambda: builtin_corpus(vocab_size=d.vocab_size))
+        prefix, tokenizer_path = builtin_corpus(vocab_size=d.vocab_size)
+    tokenizer = load_tokenizer(tokenizer_path)
+    gbs = layout["global_batch_size"]
+    o, r = args.optim, args.run
+    evals = o.train_iters // r.eval_interval + 1
+    num_samples = (o.train_iters * gbs, evals * r.eval_iters * gbs, r.eval_iters * gbs)
+    kwargs = dict(split=d.split, num_samples=num_samples, seed=o.seed, cache_dir=d.data_cache_dir)
+    # Collective: megatron builds the sample-index caches on rank 0, then the others load them.
+    # Validation runs on every rank alike, so bad data fails everywhere at once.
+    return build_gpt_datasets(prefix, tokenizer, args.model.seq_length, **kwargs), tokenizer
+
+
+def _rank0_first(fn):
+    """Run ``fn`` on rank 0, then on the others; a user error on rank 0 is raised on every
+    rank with the same one-line message instead of leaving them waiting at a barrier."""
+    import torch.distributed as dist
+
+    result, message = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except _user_errors() as err:
+            message = [str(err)]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise ConfigError(message[0])
+    return fn() if dist.get_rank() != 0 else result
+
+
+def run(args: PretrainArgs) -> dict[str, object]:
+    """Train as configured; returns a summary (paths, final losses) on every rank."""
+    import torch.distributed as dist
+
+    from modse_megatron.training import checkpointing
+    from modse_megatron.training.loop import Trainer, TrainState
+    from modse_megatron.training.metrics import MetricsWriter
+    from modse_megatron.training.model import build_model, padded_vocab_size, transformer_config, wrap_and_optimize
+
+    layout = _init_distributed(args)
+    datasets, tokenizer = _datasets(args, layout)
+    config = transformer_config(args, layout)
+    model = build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.parallel.tensor_model_parallel_size))
+    ddp, optimizer, scheduler = wrap_and_optimize(args, config, model)
+    state = TrainState()
+    if args.run.load and checkpointing.latest_iteration(args.run.load) is not None:
+        meta = checkpointing.load_checkpoint(args.run.load, ddp, optimizer, scheduler)
+        state = TrainState(iteration=meta["iteration"], consumed_samples=meta["consumed_samples"])
+    elif args.run.load:
+        raise checkpointing.CheckpointError(f"--load {args.run.load} holds no checkpoint: check the path or drop --load")
+    is_logger = dist.get_rank() == 0
+    metrics = MetricsWriter(args.run.log_dir, is_logger, args.optim.train_iters, state.iteration,
+                            progress=args.run.progress, tensorboard=args.run.tensorboard)
+    trainer = Trainer(args, layout, config, ddp, optimizer, scheduler, datasets, metrics, state)
+    nparams = sum(p.numel() for p in model.parameters())
+    metrics.message(
+        f"modse-pretrain: world {layout['world_size']} ({layout['device']}), TP {args.parallel.tensor_model_parallel_size} "
+        f"PP {args.parallel.pipeline_model_parallel_size} EP {args.parallel.expert_model_parallel_size} DP {layout['dp']}, "
+        f"{nparams / 1e6:.2f}M params on rank 0, global batch {layout['global_batch_size']} x {args.model.seq_length} tokens, "
+        f"starting at iteration {state.iteration}"
+    )
+    saved = None
+
+    def save(t: Trainer) -> None:
+        nonlocal saved
+        meta = {"consumed_samples": t.state.consumed_samples, "args": args.to_dict()}
+        saved = checkpointing.save_checkpoint(args.run.save, t.state.iteration, ddp, optimizer, scheduler, meta)
+        metrics.message(f"saved checkpoint {saved}")
+
+    reason = trainer.train(save)
+    if args.run.save and (saved is None or not str(saved).endswith(f"{state.iteration:07d}")):
+        save(trainer)
+    final = {"iteration": state.iteration, "stopped": reason}
+    if reason == "finished":
+        final["valid_loss"] = trainer.evaluate("valid")
+        final["test_loss"] = trainer.evaluate("test")
+    plot = metrics.close()
+    if is_logger:
+        print(f"modse-pretrain: {reason} at iteration {state.iteration}; metrics {metrics.dir / 'metrics.jsonl'}"
+              + (f", plot {plot}" if plot else "") + (f", checkpoint {saved}" if saved else ""), flush=True)
+    return {**final, "metrics": str(metrics.dir / "metrics.jsonl"), "plot": str(plot) if plot else None,
+            "checkpoint": str(saved) if saved else None}
+
+
+def _user_errors() -> tuple[type, ...]:
+    from modse_megatron.platform import PlatformError
+    from modse_megatron.training.checkpointing import CheckpointError
+
+    errors: list[type] = [ConfigError, PlatformError, CheckpointError]
+    try:
+        from modse_megatron.training.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        run(args)
+    except _user_errors() as err:
+        print(f"modse-pretrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

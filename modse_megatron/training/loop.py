@@ -1,0 +1,211 @@
+"""The training loop: deterministic DP-sharded batches, megatron's pipeline schedules, metrics,
+evaluation, checkpoints and clean stops (``--exit-interval``, SIGTERM).
+
+Batches are a pure function of (dataset, consumed samples): global step ``i`` uses samples
+``[i*G, (i+1)*G)``; micro-batch ``m`` of DP rank ``d`` is the slice starting at
+``i*G + (m*D + d)*B``. So any layout with the same global batch sees the same samples per
+step, and a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from modse_megatron.training.arguments import PretrainArgs
+from modse_megatron.training.metrics import MetricsWriter, Throughput
+
+_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def micro_batches(dataset, start: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  num_microbatches: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches of one global batch for this DP rank (see module docstring)."""
+    for m in range(num_microbatches):
+        first = start + (m * dp_size + dp_rank) * micro_batch_size
+        items = [dataset[first + j] for j in range(micro_batch_size)]
+        yield {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in _BATCH_KEYS}
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Masked mean of the per-token losses of one micro-batch (megatron's 2-tuple contract)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (output.float().reshape(-1) * mask).sum() / mask.sum().clamp_min(1.0)
+    return loss, {"lm_loss": loss.detach()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reported_mean(values: list[dict[str, torch.Tensor]], key: str) -> float:
+    """Mean of ``key`` over micro-batches and DP replicas, known on every rank.
+
+    Only the last pipeline stage has losses; TP ranks hold copies. Each reporting rank
+    (last stage, TP rank 0) adds its value and a count of one; one all-reduce gives all ranks
+    the DP mean.
+    """
+    from megatron.core import parallel_state as ps
+
+    reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    local = torch.stack([v[key] for v in values]).float().mean() if (reporter and values) else torch.zeros(())
+    pair = torch.stack([local * float(reporter), torch.tensor(float(reporter))])
+    dist.all_reduce(pair)
+    return float(pair[0] / pair[1].clamp_min(1.0))
+
+
+class Trainer:
+    """Owns the model, optimizer, data and logging of one run."""
+
+    def __init__(self, args: PretrainArgs, layout: dict[str, int], config, ddp, optimizer, scheduler,
+                 datasets: tuple, metrics: MetricsWriter, state: TrainState):
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.args, self.layout, self.config = args, layout, config
+        self.ddp, self.optimizer, self.scheduler = ddp, optimizer, scheduler
+        self.train_ds, self.valid_ds, self.test_ds = datasets
+        self.metrics, self.state = metrics, state
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.forward_backward = get_forward_backward_func()
+        self._stop_requested = False
+        self.eval_batches_done = 0
+        self.routers = [m for m in ddp.module.modules() if hasattr(m, "routing_stats")]
+
+    # ------------------------------------------------------------------ one step
+    def _run_schedule(self, dataset, start: int, forward_only: bool) -> list[dict[str, torch.Tensor]]:
+        a = self.args
+        data = micro_batches(dataset, start, a.optim.micro_batch_size, self.dp_rank, self.dp_size,
+                             self.layout["num_microbatches"])
+        return self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=data,
+            model=[self.ddp],
+            num_microbatches=self.layout["num_microbatches"],
+            seq_length=a.model.seq_length,
+            micro_batch_size=a.optim.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for router in self.routers:
+            router.reset_routing_stats()
+        losses = self._run_schedule(self.train_ds, self.state.consumed_samples, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        gbs = self.layout["global_batch_size"]
+        self.state.iteration += 1
+        self.state.consumed_samples += gbs
+        record: dict[str, Any] = {
+            "iteration": self.state.iteration,
+            "lm_loss": _reported_mean(losses, "lm_loss"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "skipped": not ok,
+        }
+        if self.config.num_moe_experts:
+            record.update(self._moe_metrics())
+        return record
+
+    def _moe_metrics(self) -> dict[str, Any]:
+        """Aux/z losses (mean over MoE layers) and tokens routed to every logical expert."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+
+        out: dict[str, Any] = {}
+        reduce_aux_losses_tracker_across_ranks()
+        for name, entry in sorted(get_moe_layer_wise_logging_tracker().items()):
+            values = entry["values"].float() / self.layout["num_microbatches"]
+            nonzero = values[values != 0]
+            out[name] = float(nonzero.mean()) if nonzero.numel() else 0.0
+        clear_aux_losses_tracker()
+        if self.routers:
+            # [num_layers, num_experts]: each stage fills its own layers; TP ranks hold copies.
+            counts = torch.zeros(self.config.num_layers, self.config.num_moe_experts, dtype=torch.float64)
+            for router in self.routers:
+                counts[router.layer_number - 1] = router.routing_stats.double().cpu()
+            if ps.get_tensor_model_parallel_rank() != 0:
+                counts.zero_()
+            dist.all_reduce(counts)
+            out["tokens_per_expert"] = {
+                str(layer + 1): [int(c) for c in row] for layer, row in enumerate(counts.tolist()) if any(row)
+            }
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str) -> float:
+        dataset = self.valid_ds if split == "valid" else self.test_ds
+        gbs = self.layout["global_batch_size"]
+        # Each evaluation reads the next eval_iters global batches of its split (wrapping).
+        span = max(len(dataset) // gbs, 1)
+        self.ddp.eval()
+        losses = []
+        with torch.no_grad():
+            for k in range(self.args.run.eval_iters):
+                start = ((self.eval_batches_done + k) % span) * gbs
+                losses.append(_reported_mean(self._run_schedule(dataset, start, forward_only=True), "lm_loss"))
+        self.eval_batches_done += self.args.run.eval_iters
+        self.ddp.train()
+        loss = sum(losses) / len(losses)
+        self.metrics.evaluation(self.state.iteration, split, loss)
+        return loss
+
+    # ------------------------------------------------------------------ the loop
+    def _install_sigterm(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def _agreed_stop(self) -> bool:
+        """All ranks stop together when any rank got SIGTERM (no rank left in a collective)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self, save_fn) -> str:
+        """Run to --train-iters (or an exit condition); returns why it stopped."""
+        a = self.args
+        self._install_sigterm()
+        tokens_per_step = self.layout["global_batch_size"] * a.model.seq_length
+        timer = Throughput()
+        reason = "finished"
+        while self.state.iteration < a.optim.train_iters:
+            record = self.train_step()
+            tps, dt = timer.lap(tokens_per_step)
+            record["tokens_per_sec"], record["step_time_s"] = tps, dt
+            it = self.state.iteration
+            if it % a.run.log_interval == 0 or it == a.optim.train_iters:
+                self.metrics.train(record)
+            self.metrics.advance()
+            if it % a.run.eval_interval == 0 and it < a.optim.train_iters:
+                self.evaluate("valid")
+            if a.run.save and a.run.save_interval and it % a.run.save_interval == 0 and it < a.optim.train_iters:
+                save_fn(self)
+            if a.run.exit_interval and it >= a.run.exit_interval:
+                reason = f"exit interval {a.run.exit_interval} reached"
+                break
+            if self._agreed_stop():
+                reason = "SIGTERM"
+                break
+            timer = Throughput()  # evaluation and saving are not training throughput
+        return reason
