@@ -1,0 +1,143 @@
+"""Layer specs: megatron's GPTModel builds MoDSE models (dense/MoE mixing, TP+EP+ETP, PP stages)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modse_megatron.config import MoDSEConfig
+from modse_megatron.testing.megatron_utils import assert_close_rel, tiny_transformer_config, token_batch
+
+RTOL = 1e-5
+VOCAB = 128
+
+
+def _gpt_config(**extra):
+    from megatron.core import parallel_state as ps
+
+    kwargs = dict(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_moe_experts=8,
+        moe_ffn_hidden_size=40, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=1e-2, moe_router_load_balancing_type="aux_loss", add_bias_linear=False,
+        gated_linear_unit=True, activation_func=F.silu, moe_layer_freq=[1, 0],
+    )
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        kwargs["pipeline_dtype"] = torch.float32
+    kwargs.update(extra)
+    return tiny_transformer_config(**kwargs)
+
+
+def _gpt(config, modse_config, **kw):
+    from megatron.core.models.gpt import GPTModel
+
+    from modse_megatron.moe.specs import get_modse_decoder_block_spec
+
+    spec = get_modse_decoder_block_spec(modse_config, config)
+    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=32, **kw)
+
+
+def _mlp_kinds(model):
+    from megatron.core.transformer.mlp import MLP
+
+    from modse_megatron.moe.layer import MoDSEMoELayer
+
+    kinds = []
+    for layer in model.decoder.layers:
+        mlp = layer.mlp
+        kinds.append("modse" if isinstance(mlp, MoDSEMoELayer) else "dense" if type(mlp) is MLP else type(mlp).__name__)
+    return kinds
+
+
+# ------------------------------------------------------------------ GPT loss across layouts
+def _gpt_loss(preset):
+    import torch.distributed as dist
+
+    torch.manual_seed(21)  # CPU init of every module is layout-invariant given the RNG state
+    model = _gpt(_gpt_config(), MoDSEConfig(moe_expert_size_preset=preset))
+    # megatron refuses MoE+TP training without sequence parallelism, and sequence parallelism
+    # needs a TE/Apex LayerNorm (torch's refuses it): eval mode runs the same forward/backward
+    # math minus the aux loss.
+    model.eval()
+    tokens, positions = token_batch(2, 8, VOCAB, seed=40 + dist.get_rank() // model.config.tensor_model_parallel_size)
+    token_losses = model(tokens, positions, None, labels=tokens)
+    token_losses.mean().backward()
+    router_grad = model.decoder.layers[0].mlp.router.weight.grad
+    return {"kinds": _mlp_kinds(model), "losses": token_losses.detach(),
+            "widths": model.decoder.layers[0].mlp.expert_widths, "router_grad_norm": router_grad.norm()}
+
+
+@pytest.mark.parametrize("preset", ["paper8", "uniform"])
+def test_gpt_tp2_ep2_matches_single_rank_layout(dist4, preset):
+    """TP=2 (sequence parallel), EP=2, ETP=2 vs TP=EP=1: same model, same losses."""
+    parallel = dist4.run(_gpt_loss, preset, tp=2, ep=2)
+    # Ranks of one TP group see the same batch; data-parallel ranks see their own.
+    single = dist4.run(_gpt_loss, preset)
+    for rank in range(4):
+        assert parallel[rank]["kinds"] == ["modse", "dense"]
+        ref = single[rank // 2]  # the TP=1 rank that holds the same batch
+        assert_close_rel(parallel[rank]["losses"], ref["losses"], RTOL, f"rank {rank} token losses")
+        assert_close_rel(parallel[rank]["router_grad_norm"], ref["router_grad_norm"], RTOL, f"rank {rank} router grad")
+    expected = [72, 8, 64, 16, 48, 32, 40, 40] if preset == "paper8" else [40] * 8
+    assert parallel[0]["widths"] == expected
+
+
+def _dense_gpt():
+    model = _gpt(_gpt_config(num_moe_experts=None, moe_ffn_hidden_size=None, moe_layer_freq=1, ffn_hidden_size=64), MoDSEConfig())
+    tokens, positions = token_batch(2, 8, VOCAB, seed=3)
+    loss = model(tokens, positions, None, labels=tokens).mean()
+    loss.backward()
+    return _mlp_kinds(model), bool(torch.isfinite(loss))
+
+
+def test_dense_baseline_through_the_same_spec(dist2):
+    for kinds, finite in dist2.run(_dense_gpt):
+        assert kinds == ["dense", "dense"] and finite
+
+
+# ------------------------------------------------------------------ pipeline stages
+def _pp_stage_layers():
+    from megatron.core import parallel_state as ps
+
+    from modse_megatron.moe.specs import get_modse_decoder_block_spec
+
+    config = _gpt_config(num_layers=4, moe_layer_freq=[1, 0, 0, 1])
+    block = get_modse_decoder_block_spec(MoDSEConfig(moe_expert_size_preset="paper8"), config)
+    stage = ps.get_pipeline_model_parallel_rank()
+    model = _gpt(config, MoDSEConfig(moe_expert_size_preset="paper8"),
+                 pre_process=stage == 0, post_process=stage == 1)
+    numbers = [layer.layer_number for layer in model.decoder.layers]
+    return stage, len(block.layer_specs), _mlp_kinds(model), numbers
+
+
+def test_pipeline_stages_build_only_their_layers(dist2):
+    results = dict((stage, rest) for stage, *rest in (tuple(r) for r in dist2.run(_pp_stage_layers, pp=2)))
+    assert results[0] == [2, ["modse", "dense"], [1, 2]]
+    assert results[1] == [2, ["dense", "modse"], [3, 4]]
+
+
+# ------------------------------------------------------------------ checkpoint keys per layer
+def _gpt_expert_keys():
+    model = _gpt(_gpt_config(num_layers=3, moe_layer_freq=[1, 0, 1]), MoDSEConfig(moe_expert_size_preset="paper8"))
+    keys = set()
+    for value in model.sharded_state_dict().values():
+        built = value.build() if hasattr(value, "build_fn") else value
+        keys |= {sh.key for sh in (built if isinstance(built, list) else [built]) if ".experts." in sh.key}
+    return keys
+
+
+def test_gpt_checkpoint_has_one_key_per_logical_expert_per_layer(dist2):
+    keys = set().union(*dist2.run(_gpt_expert_keys, ep=2))
+    assert keys == {f"decoder.layers.{layer}.mlp.experts.expert{e}.{name}.weight"
+                    for layer in (0, 2) for e in range(8) for name in ("linear_fc1", "linear_fc2")}
+
+
+# ------------------------------------------------------------------ TransformerEngine backend
+@pytest.mark.gpu
+def test_transformer_engine_backend_spec():
+    from megatron.core.transformer import TransformerConfig
+
+    from modse_megatron.moe.layer import MoDSEMoELayer
+    from modse_megatron.moe.specs import get_modse_gpt_layer_spec
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=8,
+                               moe_ffn_hidden_size=40, add_bias_linear=False)
+    spec = get_modse_gpt_layer_spec(MoDSEConfig(moe_expert_size_preset="paper8"), config, backend="te")
+    assert spec.submodules.mlp.module is MoDSEMoELayer
