@@ -213,12 +213,13 @@ inline std::vector<int> paired_heuristic(const std::vector<double>& w, const Pai
     // Starts only: exact for 1-2 units per bin, else LPT and differencing without unit-level
     // descent (the expert-level descent below subsumes unit swaps).
     const int m = k / 2;
+    const std::vector<int> order = order_desc(u.w);
     if (m <= 2) {
-      starts.emplace_back(w, expand_units(u, heuristic_partition(u.w, R, m, target, 0, nullptr), n),
-                          R, k);
+      starts.emplace_back(
+          w, expand_units(u, heuristic_partition(u.w, R, m, target, 0, nullptr, &order), n), R, k);
     } else {
-      starts.emplace_back(w, expand_units(u, lpt_cardinality(u.w, R, m), n), R, k);
-      starts.emplace_back(w, expand_units(u, balanced_differencing(u.w, R, m), n), R, k);
+      starts.emplace_back(w, expand_units(u, lpt_cardinality(u.w, R, m, &order), n), R, k);
+      starts.emplace_back(w, expand_units(u, balanced_differencing(u.w, R, m, &order), n), R, k);
     }
   }
   return best_of_starts(
