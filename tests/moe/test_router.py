@@ -57,6 +57,14 @@ def _seeded(name: str, shape, scale: float = 0.1) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def _fresh_aux_loss_tracker():
+    """megatron's aux-loss tracker is a process-global dict sized by the first model's
+    num_layers; the pool's teardown only zeroes it, so a task with more layers must empty it."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+
+
 def _tokens(seq, batch, seed):
     return _seeded(f"x{seed}", (seq, batch, H), scale=1.0).requires_grad_(True)
 
@@ -144,14 +152,15 @@ def _load_logical(layer, slot_to_logical):
     return first, local
 
 
-def _permuted_layer_run(dispatcher, slot_to_logical, **extra):
+def _permuted_layer_run(dispatcher, slot_to_logical, granularity="token"):
     from modse_megatron.moe.router import MoDSERouter
 
     config = _config(
         moe_token_dispatcher_type=dispatcher, moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3, **extra,
+        moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3,
     )
-    layer = _moe_layer(config, functools.partial(MoDSERouter, slot_to_logical=slot_to_logical))
+    builder = functools.partial(MoDSERouter, slot_to_logical=slot_to_logical, granularity=granularity)
+    layer = _moe_layer(config, builder)
     first, local = _load_logical(layer, slot_to_logical)
     x = _tokens(16, 2, seed=dist.get_rank())
     out, _ = layer(x)
@@ -170,11 +179,14 @@ def _permuted_layer_run(dispatcher, slot_to_logical, **extra):
     }
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_permuted_slots_compute_the_same_layer(dist2, ep, dispatcher):
-    ident = dist2.run(_permuted_layer_run, dispatcher, list(range(E)), ep=ep)
-    perm = dist2.run(_permuted_layer_run, dispatcher, PERM, ep=ep)
+@pytest.mark.parametrize(
+    "ep, dispatcher, granularity",
+    [(1, "alltoall", "token"), (2, "alltoall", "token"), (1, "allgather", "token"), (2, "allgather", "token"),
+     (2, "alltoall", "sequence")],
+)
+def test_permuted_slots_compute_the_same_layer(dist2, ep, dispatcher, granularity):
+    ident = dist2.run(_permuted_layer_run, dispatcher, list(range(E)), granularity, ep=ep)
+    perm = dist2.run(_permuted_layer_run, dispatcher, PERM, granularity, ep=ep)
     for rank, (a, b) in enumerate(zip(ident, perm)):
         assert_close_rel(b["out"], a["out"], RTOL, f"rank {rank} output")
         assert_close_rel(b["x_grad"], a["x_grad"], RTOL, f"rank {rank} input grad")
@@ -228,3 +240,265 @@ def test_capacity_drops_exactly_what_the_policy_says(dist2, policy, granularity)
         seq_choice = r["map"].view(10, 4, E)[0]
         assert torch.equal(r["map"].view(10, 4, E), seq_choice.expand(10, 4, E))
         assert not (r["capped_map"].view(10, 4, E) & ~seq_choice).any()
+
+
+# ---------------------------------------------------------------- sequence-level routing
+def _expected_sequence_routing(x, weight, valid_SB, topk):
+    """From the definition: mean logits over a sequence's valid tokens, top-k, softmax over the
+    chosen logits (megatron's default score function), the same for all its tokens."""
+    logits_SBE = x.detach().float() @ weight.detach().float().t()
+    pooled_BE = (logits_SBE * valid_SB.unsqueeze(-1)).sum(0) / valid_SB.sum(0).unsqueeze(-1)
+    top_vals, top_idx = pooled_BE.topk(topk, dim=1)
+    probs_BE = torch.zeros_like(pooled_BE).scatter(1, top_idx, top_vals.softmax(-1))
+    return pooled_BE, probs_BE, probs_BE > 0
+
+
+def _sequence_run():
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    _fresh_aux_loss_tracker()
+    seq, batch = 8, 3
+    config = _config(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2)
+    router = _router(config, granularity="sequence", slot_to_logical=PERM)
+    router.set_layer_number(1)
+    x = _tokens(seq, batch, seed=3)
+    padding = torch.zeros(seq, batch, dtype=torch.bool)
+    padding[5:, 1] = True  # megatron's router convention: True = padding token
+    probs, routing_map = router(x, padding)
+    _, exp_probs, exp_map = _expected_sequence_routing(x, router.weight, (~padding).float(), 2)
+    out = dict(probs=probs.detach().view(seq, batch, E), map=routing_map.view(seq, batch, E),
+               exp_probs=exp_probs, exp_map=exp_map, stats=router.routing_stats)
+
+    # Aux loss on the broadcast per-token map (no padding): E/(k T^2) Σ_e (Σ_t score_te) count_e.
+    _fresh_aux_loss_tracker()
+    router.reset_routing_stats()
+    probs, routing_map = router(x)
+    ones = torch.ones(seq, batch)
+    pooled, _, exp_map = _expected_sequence_routing(x, router.weight, ones, 2)
+    scores_TE = pooled.softmax(-1).expand(seq, batch, E).reshape(-1, E)
+    count_E = exp_map.expand(seq, batch, E).reshape(-1, E).sum(0).float()
+    tokens = seq * batch
+    out["aux"] = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0].clone()
+    out["exp_aux"] = (scores_TE.sum(0) * count_E).sum() * E / (2 * tokens * tokens)
+    (probs * torch.arange(1.0, E + 1)).sum().backward()
+    out["grads"] = (router.weight.grad.abs().sum(), x.grad.abs().sum())
+    return out
+
+
+def test_sequence_routing_shares_experts_across_the_sequence(dist2):
+    r = dist2.run(_sequence_run)[0]
+    for s in range(r["map"].shape[0]):  # every token, padding included, carries its sequence's choice
+        assert torch.equal(r["map"][s], r["exp_map"])
+        assert_close_rel(r["probs"][s], r["exp_probs"], 1e-6, f"probs at position {s}")
+    assert r["map"].sum() == 8 * 3 * 2 and len({tuple(m.tolist()) for m in r["exp_map"]}) > 1
+    valid = torch.tensor([8, 5, 8]).view(3, 1)  # padding excluded from the counts
+    assert torch.equal(r["stats"][PERM], (r["exp_map"].long() * valid).sum(0))
+    assert_close_rel(r["aux"], r["exp_aux"], 1e-6, "aux loss of the broadcast map")
+    assert all(g > 0 for g in r["grads"])
+
+
+def _sequence_parallel_run():
+    """TP=2 with sequence parallelism: each rank routes half of every sequence; the result must
+    be the full-sequence routing, and the gradients those of the full computation."""
+    from megatron.core import parallel_state as ps
+
+    seq, batch = 8, 2
+    rank, half = ps.get_tensor_model_parallel_rank(), 4
+    torch.manual_seed(0)
+    sp = _router(_config(sequence_parallel=True), granularity="sequence")
+    full = _router(_config(), granularity="sequence")
+    full.load_state_dict(sp.state_dict())
+    x = _tokens(seq, batch, seed=9)
+    weight_SB1 = _seeded("loss weights", (seq, batch, E), scale=1.0)
+    x_part = x.detach()[rank * half:(rank + 1) * half].clone().requires_grad_(True)
+    probs, routing_map = sp(x_part)
+    (probs.view(half, batch, E) * weight_SB1[rank * half:(rank + 1) * half]).sum().backward()
+    ref_probs, ref_map = full(x)
+    (ref_probs.view(seq, batch, E) * weight_SB1).sum().backward()
+    router_grad = sp.weight.grad.clone()
+    dist.all_reduce(router_grad, group=ps.get_tensor_model_parallel_group())  # as finalize_model_grads does
+    sl = slice(rank * half * batch, (rank + 1) * half * batch)
+    return dict(probs=probs.detach(), ref_probs=ref_probs.detach()[sl], map=routing_map, ref_map=ref_map[sl],
+                x_grad=x_part.grad, ref_x_grad=x.grad[rank * half:(rank + 1) * half],
+                router_grad=router_grad, ref_router_grad=full.weight.grad)
+
+
+def test_sequence_routing_under_sequence_parallelism(dist2):
+    for r in dist2.run(_sequence_parallel_run, tp=2):
+        assert torch.equal(r["map"], r["ref_map"])
+        assert_close_rel(r["probs"], r["ref_probs"], 1e-6, "probs")
+        assert_close_rel(r["x_grad"], r["ref_x_grad"], RTOL, "input grad")
+        assert_close_rel(r["router_grad"], r["ref_router_grad"], RTOL, "router grad")
+
+
+# ---------------------------------------------------------------- routing statistics
+def _stats_run():
+    from megatron.core import tensor_parallel
+
+    router = _router(_config(moe_expert_capacity_factor=0.5), slot_to_logical=PERM)
+    x = _tokens(6, 2, seed=1)
+    _, routing_map = router(x)
+    expected = torch.zeros(E, dtype=torch.long)
+    plain = _router(_config(), slot_to_logical=PERM)
+    plain.load_state_dict(router.state_dict())
+    _, free_map = plain(x)
+    expected[PERM] = free_map.sum(0)  # slot s counts for logical PERM[s]
+    once = router.routing_stats.clone()
+    router.reset_routing_stats()
+    zero = router.routing_stats.clone()
+    # Activation recomputation re-runs the forward inside backward: counted once, not twice.
+    out = tensor_parallel.checkpoint(lambda t: router(t)[0], False, x)
+    out.sum().backward()
+    recomputed = router.routing_stats.clone()
+    with torch.no_grad():  # evaluation counts too
+        router.eval()
+        router(x)
+    return dict(once=once, zero=zero, recomputed=recomputed, evaluated=router.routing_stats,
+                expected=expected, dropped=int(free_map.sum() - routing_map.sum()))
+
+
+def test_routing_stats_count_logical_assignments_before_dropping(dist2):
+    r = dist2.run(_stats_run)[0]
+    assert r["dropped"] > 0 and r["once"].dtype == torch.long
+    assert torch.equal(r["once"], r["expected"]) and int(r["expected"].sum()) == 6 * 2 * 2
+    assert int(r["zero"].sum()) == 0
+    assert torch.equal(r["recomputed"], r["expected"])
+    assert torch.equal(r["evaluated"], 2 * r["expected"])
+
+
+# ---------------------------------------------------------------- frozen / random routers
+def _router_variants_run():
+    from megatron.core import parallel_state as ps
+
+    torch.manual_seed(100 + dist.get_rank())  # the random projection must not depend on this
+    config = _config()
+    routers = {}
+    for name, kw in {"random": dict(slot_to_logical=PERM), "random_identity": {}}.items():
+        routers[name] = _router(config, router_type="random", **kw)
+        routers[name].set_layer_number(1)
+    layer2 = _router(config, router_type="random")
+    layer2.set_layer_number(2)
+    seeded = {}
+    for router_type in ("learned", "frozen"):
+        torch.manual_seed(7)
+        seeded[router_type] = _router(config, router_type=router_type, slot_to_logical=PERM)
+    errors = []
+    for bad in (dict(router_type="trained"), dict(granularity="batch"), dict(slot_to_logical=[0, 0, 1, 2])):
+        try:
+            _router(config, **bad)
+        except ValueError as e:
+            errors.append(str(e))
+    logical = routers["random"].weight.detach()[torch.argsort(torch.tensor(PERM))]
+    everyone = [torch.empty_like(logical) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, logical)
+    return dict(
+        random=logical, random_identity=routers["random_identity"].weight.detach(), layer2=layer2.weight.detach(),
+        learned=seeded["learned"].weight.detach(), frozen=seeded["frozen"].weight.detach(),
+        requires_grad={k: r.weight.requires_grad for k, r in {**routers, **seeded}.items()},
+        everyone=everyone, errors=errors, ep=ps.get_expert_model_parallel_rank(),
+    )
+
+
+def test_random_and_frozen_router_weights(dist2):
+    for r in dist2.run(_router_variants_run, ep=2):
+        assert all(torch.equal(w, r["random"]) for w in r["everyone"])  # same on every rank
+        assert torch.equal(r["random"], r["random_identity"])  # and in every slot order
+        assert_close_rel(r["random"].norm(dim=1), torch.ones(E), 1e-6, "unit rows")
+        assert not torch.allclose(r["random"], r["layer2"], atol=0.1)  # a projection per layer
+        assert torch.equal(r["frozen"], r["learned"])  # frozen = learned init, kept
+        assert r["requires_grad"] == {"random": False, "random_identity": False, "learned": True, "frozen": False}
+        assert len(r["errors"]) == 3
+
+
+STEPS = 3
+
+
+def _train_steps(router_type):
+    """A 2-layer MoE GPT (MoDSERouter in both layers) trained with megatron's DDP + distributed
+    optimizer; the router must be untouched unless it is learned."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from modse_megatron.moe.router import MoDSERouter
+    from modse_megatron.testing.megatron_utils import token_batch
+
+    _fresh_aux_loss_tracker()
+    config = _config(num_layers=2, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2)
+    spec = get_gpt_layer_local_spec(num_experts=E)
+    moe = spec.submodules.mlp
+    builder = functools.partial(MoDSERouter, router_type=router_type, slot_to_logical=PERM)
+    moe = dataclasses.replace(moe, submodules=dataclasses.replace(moe.submodules, router=builder))
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=moe))
+    model = GPTModel(config, spec, vocab_size=64, max_sequence_length=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True), model
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True, clip_grad=1.0), [ddp]
+    )
+    for step in range(STEPS):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        tokens, positions = token_batch(2, 16, 64, seed=10 * step + dist.get_rank())
+        ddp(tokens, positions, None, labels=tokens).mean().backward()
+        ddp.finish_grad_sync()
+        ok, _, _ = optimizer.step()
+        assert ok
+    return dict(
+        changed={n: not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()},
+        router_in_ddp=any(id(p) in {id(q) for q in ddp.params_with_grad} for n, p in model.named_parameters()
+                          if n.endswith("router.weight")),
+    )
+
+
+@pytest.mark.parametrize("router_type", ["learned", "frozen", "random"])
+def test_only_a_learned_router_is_trained(dist2, router_type):
+    for r in dist2.run(_train_steps, router_type, ep=2):
+        routers = {n: c for n, c in r["changed"].items() if "router" in n}
+        others = {n: c for n, c in r["changed"].items() if "router" not in n}
+        assert len(routers) == 2 and len(others) > 10
+        assert all(others.values()), [n for n, c in others.items() if not c]
+        learned = router_type == "learned"
+        assert all(c == learned for c in routers.values()), routers  # bit-identical unless learned
+        assert r["router_in_ddp"] == learned
+
+
+# ---------------------------------------------------------------- layout-free checkpoints
+def _logical_router_state(router, slot_to_logical):
+    with torch.no_grad():
+        router.weight.copy_(_seeded("ckpt router", (E, H))[slot_to_logical])
+        router.bias.copy_(_seeded("ckpt bias", (E,))[slot_to_logical])
+        router.expert_bias.copy_(_seeded("ckpt expert bias", (E,))[slot_to_logical])
+
+
+def _checkpoint_run(ckpt_dir, save_order, load_order):
+    from megatron.core import dist_checkpointing
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    config = _config(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid", add_bias_linear=True)
+    saver = _router(config, slot_to_logical=save_order)
+    _logical_router_state(saver, save_order)
+    dist_checkpointing.save(saver.sharded_state_dict(prefix="router."), ckpt_dir)
+    loaded = {}
+    for name, router in {"permuted": _router(config, slot_to_logical=load_order),
+                         "megatron": TopKRouter(config, pg_collection=get_default_pg_collection())}.items():
+        state = dist_checkpointing.load(router.sharded_state_dict(prefix="router."), ckpt_dir)
+        router.load_state_dict({k.removeprefix("router."): v for k, v in state.items()})
+        loaded[name] = {k: v.detach().clone() for k, v in router.state_dict().items()}
+    expected = _router(config, slot_to_logical=load_order)
+    _logical_router_state(expected, load_order)
+    logical = _router(config)
+    _logical_router_state(logical, list(range(E)))
+    return dict(loaded=loaded, expected=expected.state_dict(), logical=logical.state_dict())
+
+
+def test_checkpoint_is_layout_free(dist2, tmp_path):
+    for r in dist2.run(_checkpoint_run, str(tmp_path), PERM, [1, 3, 0, 2]):
+        for key in ("weight", "bias", "expert_bias"):
+            assert torch.equal(r["loaded"]["permuted"][key], r["expected"][key]), key
+            assert torch.equal(r["loaded"]["megatron"][key], r["logical"][key]), key  # logical rows on disk
+        assert not torch.equal(r["expected"]["weight"], r["logical"]["weight"])
