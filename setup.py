@@ -3,6 +3,8 @@
 All package metadata lives in pyproject.toml; this file only declares the extension,
 so ``pip install .`` compiles it once and nothing is compiled at run time.
 """
+from glob import glob
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
@@ -11,6 +13,7 @@ ext_modules = [
         "modse_megatron.placement._planner",
         ["csrc/bindings.cpp"],
         include_dirs=["csrc"],
+        depends=sorted(glob("csrc/*.h")),  # rebuild when a header changes
         cxx_std=17,
         extra_compile_args=["-O3", "-Wall"],
     )
