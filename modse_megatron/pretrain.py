@@ -112,7 +112,9 @@ def run(args: PretrainArgs) -> dict[str, object]:
     model = build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.parallel.tensor_model_parallel_size))
     ddp, optimizer, scheduler = wrap_and_optimize(args, config, model)
     state = TrainState()
-    if args.run.load and checkpointing.latest_iteration(args.run.load) is not None:
+    if args.run.load and args.run.finetune:
+        checkpointing.load_model_weights(args.run.load, ddp)
+    elif args.run.load and checkpointing.latest_iteration(args.run.load) is not None:
         meta = checkpointing.load_checkpoint(args.run.load, ddp, optimizer, scheduler)
         state = TrainState(iteration=meta["iteration"], consumed_samples=meta["consumed_samples"])
     elif args.run.load:

@@ -123,6 +123,7 @@ class RunArgs:
     eval_iters: int = _opt(4, "Batches per evaluation.")
     save: str | None = _opt(None, "Checkpoint directory to save to.")
     load: str | None = _opt(None, "Checkpoint directory to resume from.")
+    finetune: bool = _opt(False, "With --load: take only the model weights (any layout), start at iteration 0 with a fresh optimizer.")
     save_interval: int | None = _opt(None, "Save every n steps (and always at the end when --save is set).")
     exit_interval: int | None = _opt(None, "Stop (after saving) once this iteration is reached.")
     log_dir: str = _opt("runs/latest", "Directory for metrics.jsonl, the loss plot and TensorBoard.")
@@ -319,12 +320,18 @@ def validate(args: PretrainArgs) -> None:
             raise ConfigError(f"--moe-router-topk {m.moe_router_topk} must be between 1 and --num-experts {m.num_experts}")
         if m.moe_layer_impl == "megatron" and _uses_modse_sizes(args.modse):
             raise ConfigError("--moe-layer-impl megatron builds uniform experts: drop the MoDSE expert-size options or use --moe-layer-impl modse")
+        if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+            raise ConfigError("megatron MoE layers with tensor parallelism need --sequence-parallel: add it")
+        if m.moe_layer_impl == "modse":
+            _validate_modse(args)
     elif p.expert_model_parallel_size > 1 or _uses_modse_sizes(args.modse):
         raise ConfigError("expert options need an MoE model: set --num-experts (or drop --expert-model-parallel-size / expert sizes)")
     if m.fp8_format and m.bf16 is False:
         raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model): add --bf16")
     if args.run.save_interval is not None and args.run.save_interval <= 0:
         raise ConfigError("--save-interval must be positive")
+    if args.run.finetune and not args.run.load:
+        raise ConfigError("--finetune needs --load DIR: say which checkpoint's weights to start from")
     if args.run.save_interval and not args.run.save:
         raise ConfigError("--save-interval needs --save DIR: say where checkpoints go")
     decay = o.lr_decay_iters or o.train_iters
@@ -333,6 +340,27 @@ def validate(args: PretrainArgs) -> None:
                           f"(--lr-decay-iters, default --train-iters): shorten the warm-up")
     if o.min_lr > o.lr:
         raise ConfigError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
+
+
+def _validate_modse(args: PretrainArgs) -> None:
+    """MoDSEConfig's own checks, against the TransformerConfig fields it reads, before any
+    process group exists (so every rank fails at once with the same line)."""
+    from types import SimpleNamespace
+
+    m, p = args.model, args.parallel
+    view = SimpleNamespace(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+        add_bias_linear=not m.disable_bias_linear,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+        fp8=m.fp8_format,
+    )
+    try:
+        args.modse.validate(view)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _uses_modse_sizes(c: MoDSEConfig) -> bool:

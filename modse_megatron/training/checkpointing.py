@@ -131,27 +131,46 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
     return final
 
 
-def load_checkpoint(root: str, ddp, optimizer, scheduler) -> dict[str, Any]:
-    """Restore the latest checkpoint under ``root`` into the given objects; returns its meta
-    (iteration, consumed samples, ...). RNG states are restored when the world size matches."""
-    from megatron.core import dist_checkpointing
-
+def _latest_path(root: str) -> Path:
     iteration = latest_iteration(root)
     if iteration is None:
         raise CheckpointError(f"no checkpoint in {root} (missing {TRACKER}): check --load or start without it")
     path = iteration_dir(root, iteration)
     if not path.is_dir():
         raise CheckpointError(f"{TRACKER} names iteration {iteration} but {path} is missing: restore it or fix the tracker")
+    return path
+
+
+def _load(template: dict, path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(template, str(path))
+    except Exception as err:  # megatron raises assorted types for a damaged or mismatched checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load {path}: {first[:300]} (is it a modse-megatron checkpoint of this model?)") from None
+
+
+def load_model_weights(root: str, ddp) -> Path:
+    """Load only the model weights of the latest checkpoint under ``root`` (``--finetune``).
+    Model tensors are sharded per logical tensor, so this works from any TP/PP/EP layout."""
+    path = _latest_path(root)
+    state = _load({"model": ddp.module.sharded_state_dict()}, path)
+    ddp.module.load_state_dict(state["model"])
+    return path
+
+
+def load_checkpoint(root: str, ddp, optimizer, scheduler) -> dict[str, Any]:
+    """Restore the latest checkpoint under ``root`` into the given objects; returns its meta
+    (iteration, consumed samples, ...). RNG states are restored when the world size matches."""
+    from megatron.core import dist_checkpointing
+
+    path = _latest_path(root)
     common = dist_checkpointing.load_common_state_dict(str(path))
     meta = common.get("meta", {})
     same_world = meta.get("world_size") == dist.get_world_size()
     _materialize_optimizer_state(optimizer)
-    template = _state_dict(ddp, optimizer, scheduler, True, same_world)
-    try:
-        state = dist_checkpointing.load(template, str(path))
-    except Exception as err:  # megatron raises assorted types for a damaged or mismatched checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load {path}: {first[:300]} (is it a modse-megatron checkpoint of this model?)") from None
+    state = _load(_state_dict(ddp, optimizer, scheduler, True, same_world), path)
     ddp.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -41,7 +41,8 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     """Masked mean of the per-token losses of one micro-batch (megatron's 2-tuple contract)."""
     mask = loss_mask.reshape(-1).float()
     loss = (output.float().reshape(-1) * mask).sum() / mask.sum().clamp_min(1.0)
-    return loss, {"lm_loss": loss.detach()}
+    # clone: megatron divides the returned loss in place by the micro-batch count.
+    return loss, {"lm_loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator, model):

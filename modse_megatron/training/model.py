@@ -94,12 +94,18 @@ def build_model(args: PretrainArgs, config, vocab_size: int):
     if config.num_moe_experts and args.model.moe_layer_impl == "modse":
         from modse_megatron.moe.specs import get_modse_decoder_block_spec
 
-        args.modse.validate(config)
-        spec = get_modse_decoder_block_spec(args.modse, config, backend=backend)
+        try:
+            spec = get_modse_decoder_block_spec(args.modse, config, backend=backend)  # validates
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     elif config.num_moe_experts:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te", normalization=config.normalization)
     else:
         spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    if config.sequence_parallel and backend == "local":
+        from modse_megatron.training.norm import with_sequence_parallel_norms
+
+        spec = with_sequence_parallel_norms(spec)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
