@@ -124,16 +124,23 @@ def builtin_corpus(cache_dir: str | None = None, vocab_size: int = 8192, *,
     root = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), "corpus")
     final = os.path.join(root, corpus_key(vocab_size, source_root))
     paths = (os.path.join(final, "corpus"), os.path.join(final, "tokenizer.json"))
-    if os.path.isfile(os.path.join(final, "meta.json")):  # only ever exists complete
+    if _complete(final):
         return paths
     os.makedirs(root, exist_ok=True)
     with file_lock(final + ".lock"):
-        if not os.path.isfile(os.path.join(final, "meta.json")):
+        if not _complete(final):
             meta = _build(final, vocab_size, source_root or stdlib_root())
             with open(os.path.join(root, "builds.log"), "a") as log:
                 log.write(json.dumps({"key": os.path.basename(final), "pid": os.getpid(),
                                       "seconds": meta["build_seconds"]}) + "\n")
     return paths
+
+
+def _complete(final: str) -> bool:
+    """The directory only ever appears complete (atomic rename); this also catches files
+    deleted by hand afterwards, which then get rebuilt."""
+    names = ("meta.json", "corpus.bin", "corpus.idx", "tokenizer.json")
+    return all(os.path.isfile(os.path.join(final, n)) for n in names)
 
 
 @contextlib.contextmanager
@@ -165,7 +172,7 @@ def _build(final: str, vocab_size: int, source_root: str) -> dict:
     for name in os.listdir(parent):
         if name.startswith(os.path.basename(final) + ".tmp-"):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-    if os.path.isdir(final):  # incomplete: no meta.json (e.g. copied by hand)
+    if os.path.isdir(final):  # incomplete (see _complete)
         shutil.rmtree(final)
     tmp = f"{final}.tmp-{os.getpid()}"
     os.makedirs(tmp)

@@ -72,6 +72,9 @@ def test_deterministic_and_half_written_cache_is_rebuilt(tmp_path):
     assert again == b and open(b + ".bin", "rb").read() == open(a + ".bin", "rb").read()
     assert not os.path.exists(final + ".tmp-99999")
     assert len(_builds(tmp_path / "b")) == 2
+    os.remove(b + ".idx")  # a file deleted by hand: rebuilt, not returned broken
+    assert builtin_corpus(str(tmp_path / "b"), vocab_size=600, source_root=SMALL_ROOT)[0] == b
+    assert os.path.isfile(b + ".idx") and len(_builds(tmp_path / "b")) == 3
 
 
 def test_real_stdlib_corpus_builds_and_caches(tmp_path):
