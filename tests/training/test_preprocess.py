@@ -133,3 +133,19 @@ def test_reader_yields_documents_lazily(tmp_path):
     assert next(docs) == "a"
     with pytest.raises(DataError, match="line 2"):
         next(docs)
+
+
+def test_tokenizer_without_eod_needs_a_named_one(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    word_level = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "[END]": 2}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = str(tmp_path / "wl.json")
+    word_level.save(path)
+    with pytest.raises(DataError, match=r"wl.json has no end-of-document token .*eod_token="):
+        load_tokenizer(path)
+    tok = load_tokenizer(path, eod_token="[END]")
+    assert (tok.eod, tok.pad, tok.vocab_size) == (2, -1, 3)  # -1: megatron's "no pad" sentinel
+    assert tok.tokenize("hello world") == [1, 0]
+    with pytest.raises(DataError, match="no token '<eos>'"):
+        load_tokenizer(path, eod_token="<eos>")
