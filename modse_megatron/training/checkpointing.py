@@ -113,9 +113,11 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
 
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
+    # Every rank checks (the save directory is shared by all ranks), so all stop together.
+    if final.exists():
+        raise CheckpointError(f"{final} already exists: choose another --save directory or remove it yourself")
+    dist.barrier()
     if dist.get_rank() == 0:
-        if final.exists():
-            raise CheckpointError(f"{final} already exists: choose another --save directory or remove it yourself")
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save, never a finished one
         tmp.mkdir(parents=True)
     dist.barrier()

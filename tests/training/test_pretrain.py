@@ -1,0 +1,217 @@
+"""End-to-end pretraining through real ``torchrun`` launches (2 gloo ranks, tiny MoDSE GPT).
+
+One 1-way run saves a checkpoint; every layout then starts from its weights (``--finetune``)
+and must reproduce the 1-way per-iteration losses. Resume, two-"node" launches and bad input
+are covered the same way: by running the real entry point.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RTOL = 1e-5
+
+TINY = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    "--num-experts", "4", "--moe-expert-widths", "96,32,80,48", "--moe-ffn-hidden-size", "64",
+    "--swiglu", "--disable-bias-linear", "--micro-batch-size", "4", "--global-batch-size", "8",
+    "--lr-warmup-iters", "1", "--eval-interval", "100", "--eval-iters", "1", "--no-progress",
+    "--split", "80,10,10",
+]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, *, data, nproc=2, timeout=300, extra_launcher=(), env=None):
+    """Launch ``modse_megatron.pretrain`` under torchrun; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           *extra_launcher, "-m", "modse_megatron.pretrain",
+           "--data-path", data["prefix"], "--tokenizer", data["tokenizer"], "--data-cache-dir", data["cache"], *args]
+    if not extra_launcher:
+        cmd[5:5] = ["--master-port", str(_port())]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def losses(log_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["lm_loss"] for r in rows if "split" not in r}
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small real corpus (stdlib sources) tokenized with a freshly trained BPE."""
+    import sysconfig
+
+    from modse_megatron.training.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("data")
+    src = Path(sysconfig.get_paths()["stdlib"])
+    docs = root / "docs.jsonl"
+    with docs.open("w") as f:
+        for path in sorted(src.glob("*.py"))[:60]:
+            f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
+    preprocess([str(docs)], str(root / "corpus"), train_tokenizer=True, vocab_size=512, progress=False)
+    return {"prefix": str(root / "corpus"), "tokenizer": str(root / "corpus.tokenizer.json"), "cache": str(root / "cache")}
+
+
+@pytest.fixture(scope="module")
+def base_run(data, tmp_path_factory):
+    """1-way layout (DP=2): 4 iterations, checkpoint after every one."""
+    out = tmp_path_factory.mktemp("base")
+    ok(torchrun([*TINY, "--train-iters", "4", "--log-dir", str(out), "--save", str(out / "ckpt"),
+                 "--save-interval", "1"], data=data))
+    return out
+
+
+def _checkpoint_at(base_run, iteration, dest):
+    """A checkpoint directory holding only ``iteration`` of the base run."""
+    dest.mkdir(parents=True)
+    os.symlink(base_run / "ckpt" / f"iter_{iteration:07d}", dest / f"iter_{iteration:07d}")
+    (dest / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return dest
+
+
+def test_base_run_trains_and_reports(base_run):
+    rows = [json.loads(line) for line in (base_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "split" not in r]
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4]
+    assert train[-1]["lm_loss"] < train[0]["lm_loss"]
+    for r in train:
+        assert r["tokens_per_sec"] > 0 and r["lr"] > 0 and "load_balancing_loss" in r
+        counts = r["tokens_per_expert"]
+        assert set(counts) == {"1", "2"}
+        # 8 sequences x 32 tokens x top-2 routed per layer, summed over both DP ranks.
+        assert all(sum(c) == 8 * 32 * 2 for c in counts.values())
+    assert {r["split"] for r in rows if "split" in r} == {"valid", "test"}
+    assert (base_run / "loss.png").stat().st_size > 0
+    assert sorted(p.name for p in (base_run / "ckpt").iterdir()) == [
+        "iter_0000001", "iter_0000002", "iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
+
+
+def _from_start(base_run):
+    """Every layout starts from the weights of the base run's first checkpoint."""
+    ckpt = base_run / "start"
+    if not ckpt.exists():
+        _checkpoint_at(base_run, 1, ckpt)
+    return [*TINY, "--train-iters", "3", "--load", str(ckpt), "--finetune"]
+
+
+@pytest.fixture(scope="module")
+def one_way(data, base_run):
+    out = base_run / "one_way"
+    ok(torchrun([*_from_start(base_run), "--log-dir", str(out)], data=data))
+    return out
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--expert-model-parallel-size", "2"],
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        ["--pipeline-model-parallel-size", "2"],
+        ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather"],
+    ],
+    ids=["ep2", "tp2", "pp2", "ep2-allgather"],
+)
+def test_layouts_match_one_way(data, base_run, one_way, tmp_path, layout):
+    other = tmp_path / "other"
+    ok(torchrun([*_from_start(base_run), *layout, "--log-dir", str(other)], data=data))
+    a, b = losses(one_way), losses(other)
+    assert list(a) == list(b) == [1, 2, 3]
+    for it in a:
+        assert abs(a[it] - b[it]) <= RTOL * abs(a[it]), (it, a[it], b[it])
+
+
+def test_resume_reproduces_uninterrupted_run(data, base_run, tmp_path):
+    ckpt = _checkpoint_at(base_run, 2, tmp_path / "resume")
+    out = tmp_path / "resumed"
+    ok(torchrun([*TINY, "--train-iters", "4", "--load", str(ckpt), "--log-dir", str(out)], data=data))
+    resumed, full = losses(out), losses(base_run)
+    assert list(resumed) == [3, 4]
+    assert all(resumed[i] == full[i] for i in resumed), (resumed, full)  # bit-exact
+
+
+def test_two_node_launch_on_localhost(data, tmp_path):
+    """Two torchrun agents (--nnodes 2, one rank each) rendezvous over c10d on localhost."""
+    port = _port()
+    launcher = lambda rank: ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                             "--master-port", str(port)]
+    args = [*TINY, "--train-iters", "2", "--expert-model-parallel-size", "2"]
+    procs = []
+    for rank in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", *launcher(rank),
+               "-m", "modse_megatron.pretrain", "--data-path", data["prefix"], "--tokenizer", data["tokenizer"],
+               "--data-cache-dir", data["cache"], *args, "--log-dir", str(tmp_path / f"node{rank}")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    assert list(losses(tmp_path / "node0")) == [1, 2]  # global rank 0 (node 0) writes the metrics
+    assert "world 2 (cpu), TP 1 PP 1 EP 2 DP 2" in outs[0][0]
+
+
+def _error_lines(proc) -> list[str]:
+    return [line for line in (proc.stderr + proc.stdout).splitlines() if "modse-pretrain: error:" in line]
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_data", "does not exist"),
+        ("corrupt_idx", ".idx"),
+        ("bad_layout", "is not divisible by TP x PP"),
+        ("yaml_typo", "unknown option 'num_layer' in the config file (did you mean num_layers?)"),
+    ],
+)
+def test_bad_input_fails_fast_on_every_rank(data, tmp_path, case, expected):
+    d = dict(data)
+    args = [*TINY, "--train-iters", "2", "--log-dir", str(tmp_path / "log")]
+    if case == "missing_data":
+        d["prefix"] = str(tmp_path / "nope")
+    elif case == "corrupt_idx":
+        for ext in (".bin", ".idx"):
+            (tmp_path / f"bad{ext}").write_bytes(Path(data["prefix"] + ext).read_bytes())
+        idx = tmp_path / "bad.idx"
+        idx.write_bytes(idx.read_bytes()[:40])  # truncated index
+        d["prefix"] = str(tmp_path / "bad")
+    elif case == "bad_layout":
+        args += ["--pipeline-model-parallel-size", "4", "--num-layers", "4"]
+    elif case == "yaml_typo":
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("num_layer: 2\n")
+        args += ["--config", str(cfg)]
+    proc = torchrun(args, data=d, timeout=240)
+    assert proc.returncode != 0
+    lines = _error_lines(proc)
+    assert len(lines) == 2, proc.stderr[-3000:]  # one line from each rank, no hang
+    assert all(expected in line for line in lines), lines
+
+
+def test_existing_checkpoint_is_never_overwritten(data, base_run, tmp_path):
+    """Saving into a directory that already holds the iteration refuses, leaving it intact."""
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "iter_0000002").mkdir()
+    marker = save / "iter_0000002" / "keep.txt"
+    marker.write_text("precious")
+    proc = torchrun([*TINY, "--train-iters", "2", "--save", str(save), "--log-dir", str(tmp_path / "l")], data=data)
+    assert proc.returncode != 0
+    lines = _error_lines(proc)
+    assert len(lines) == 2 and all("iter_0000002 already exists" in line for line in lines), proc.stderr[-3000:]
+    assert marker.read_text() == "precious"
