@@ -141,6 +141,7 @@ class MoDSEExperts(MegatronModule):
         self.logical_ids = [int(i) for i in logical_ids]
         self.local_widths = [w // etp for w in self.expert_widths]
         self.activation = _activation(config)
+        self.fused_activation = _make_activation(config)
         self.gated = bool(config.gated_linear_unit)
 
         # One base seed drawn from the (layout-independent) RNG stream, then a generator per
@@ -231,7 +232,7 @@ class MoDSEExperts(MegatronModule):
             grouped_mm = x_TD.is_cuda and hasattr(torch, "_grouped_mm")
         weights = [p for e in self.local_experts for p in (e.linear_fc1.weight, e.linear_fc2.weight)]
         y_TD = _GroupedExpertsFn.apply(
-            x_TD, probs_T, counts, self.local_widths, self.activation, grouped_mm, *weights
+            x_TD, probs_T, counts, self.local_widths, self.fused_activation, grouped_mm, *weights
         )
         return y_TD, None
 
@@ -304,14 +305,68 @@ def _fc(x_TK: torch.Tensor, w_NK: torch.Tensor, out: Optional[torch.Tensor] = No
     return torch.mm(x_TK, w_NK.t(), out=out)
 
 
+class _Activation:
+    """The elementwise middle of an expert, ``zp = act(h) * p``, and its backward.
+
+    Generic: any megatron activation, differentiated by autograd on a recomputed ``act(h)``.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def forward(self, h_TGW, p_T):
+        z_TW = self.fn(h_TGW)
+        return (z_TW * p_T.unsqueeze(-1)).to(z_TW.dtype)
+
+    def backward(self, h_TGW, p_T, dzp_TW):
+        """Returns ``(zp_TW, dh_TGW, dp_T)`` given the gradient w.r.t. ``zp``."""
+        with torch.enable_grad():
+            h_TGW = h_TGW.detach().requires_grad_(True)
+            z_TW = self.fn(h_TGW)
+        zd_TW = z_TW.detach()
+        dp_T = (dzp_TW * zd_TW).sum(-1)
+        (dh_TGW,) = torch.autograd.grad(z_TW, h_TGW, (dzp_TW * p_T.unsqueeze(-1)).to(z_TW.dtype))
+        return (zd_TW * p_T.unsqueeze(-1)).to(zd_TW.dtype), dh_TGW, dp_T
+
+
+class _SwiGLU(_Activation):
+    """SwiGLU written out by hand: fewer passes over ``[T, W]`` arrays, in-place where the
+    operand is dead, and ``dh`` written into one buffer (no ``cat`` of gate/up gradients)."""
+
+    def forward(self, h_TGW, p_T):
+        gate_TW, up_TW = h_TGW.chunk(2, dim=-1)
+        return F.silu(gate_TW).mul_(up_TW).mul_(p_T.unsqueeze(-1).to(h_TGW.dtype))
+
+    def backward(self, h_TGW, p_T, dzp_TW):
+        gate_TW, up_TW = h_TGW.chunk(2, dim=-1)
+        width = gate_TW.shape[1]
+        p_T1 = p_T.unsqueeze(-1).to(h_TGW.dtype)
+        silu_TW = F.silu(gate_TW)
+        z_TW = silu_TW * up_TW
+        dp_T = torch.linalg.vecdot(dzp_TW, z_TW)
+        dz_TW = dzp_TW.mul_(p_T1)
+        dh_TGW = torch.empty_like(h_TGW)
+        torch.mul(dz_TW, silu_TW, out=dh_TGW[:, width:])
+        torch.ops.aten.silu_backward.grad_input(dz_TW.mul_(up_TW), gate_TW, grad_input=dh_TGW[:, :width])
+        return z_TW.mul_(p_T1), dh_TGW, dp_T
+
+
+def _make_activation(config: TransformerConfig) -> _Activation:
+    plain_swiglu = (
+        config.gated_linear_unit and config.activation_func is F.silu
+        and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0
+    )
+    return _SwiGLU(None) if plain_swiglu else _Activation(_activation(config))
+
+
 class _GroupedExpertsFn(torch.autograd.Function):
     """All local experts as one autograd node.
 
     Forward stores only the inputs and the fc1 outputs; backward recomputes the activation
-    (cheap, elementwise) and differentiates it with autograd, so any megatron activation
-    (SwiGLU, GeGLU, GeLU, squared ReLU, clamps) is supported exactly. Weight gradients are
-    written straight into fresh tensors (no per-expert graph nodes, no cat of outputs).
-    With ``grouped_mm``, adjacent experts of one width class run as one ``torch._grouped_mm``.
+    (cheap, elementwise; :class:`_Activation`), so memory stays at one ``[T, G*W]`` per expert.
+    Outputs and input gradients are written into preallocated buffers (no per-expert graph
+    nodes, no ``cat``). With ``grouped_mm``, adjacent experts of one width class run their
+    forward as one ``torch._grouped_mm``.
     """
 
     @staticmethod
@@ -331,9 +386,7 @@ class _GroupedExpertsFn(torch.autograd.Function):
             for e in members:
                 s, t = offsets[e], offsets[e + 1]
                 h_TGW = _fc(x_TD[s:t], w1s[e])
-                z_TW = activation(h_TGW)
-                z_TW = (z_TW * probs_T[s:t].unsqueeze(-1)).to(z_TW.dtype)
-                _fc(z_TW, w2s[e], out=y_TD[s:t])
+                _fc(activation.forward(h_TGW, probs_T[s:t]), w2s[e], out=y_TD[s:t])
                 hs[e] = h_TGW
         ctx.counts, ctx.offsets, ctx.activation = counts, offsets, activation
         ctx.save_for_backward(x_TD, probs_T, *weights, *hs)
@@ -353,18 +406,11 @@ class _GroupedExpertsFn(torch.autograd.Function):
         for e in range(num):
             s, t = offsets[e], offsets[e + 1]
             w1_GWD, w2_DW = weights[2 * e], weights[2 * e + 1]
-            xe_TD, pe_T, dye_TD = x_TD[s:t], probs_T[s:t], dy_TD[s:t]
-            with torch.enable_grad():
-                h_TGW = hs[e].detach().requires_grad_(True)
-                z_TW = ctx.activation(h_TGW)
-            zd_TW = z_TW.detach()
-            dw2_DW = torch.mm(dye_TD.t(), (zd_TW * pe_T.unsqueeze(-1)).to(zd_TW.dtype))
-            dzp_TW = torch.mm(dye_TD, w2_DW)
-            dprobs_T[s:t] = (dzp_TW * zd_TW).sum(-1).to(dprobs_T.dtype)
-            (dh_TGW,) = torch.autograd.grad(z_TW, h_TGW, (dzp_TW * pe_T.unsqueeze(-1)).to(z_TW.dtype))
-            dw1_GWD = torch.mm(dh_TGW.t(), xe_TD)
+            dye_TD = dy_TD[s:t]
+            zp_TW, dh_TGW, dp_T = ctx.activation.backward(hs[e], probs_T[s:t], torch.mm(dye_TD, w2_DW))
+            dprobs_T[s:t] = dp_T.to(dprobs_T.dtype)
+            dweights += [torch.mm(dh_TGW.t(), x_TD[s:t]), torch.mm(dye_TD.t(), zp_TW)]
             torch.mm(dh_TGW, w1_GWD, out=dx_TD[s:t])
-            dweights += [dw1_GWD, dw2_DW]
         return (dx_TD, dprobs_T, None, None, None, None, *dweights)
 
 
@@ -379,9 +425,7 @@ def _grouped_forward(x_TD, probs_T, offsets, members, w1s, w2s, activation, y_TD
     w1_EDG = torch.stack([w1s[e] for e in members]).transpose(1, 2)
     w2_EWD = torch.stack([w2s[e] for e in members]).transpose(1, 2)
     h_TGW = torch._grouped_mm(x_TD[s:t], w1_EDG, offs=offs)
-    z_TW = activation(h_TGW)
-    z_TW = (z_TW * probs_T[s:t].unsqueeze(-1)).to(z_TW.dtype)
-    y_TD[s:t] = torch._grouped_mm(z_TW, w2_EWD, offs=offs)
+    y_TD[s:t] = torch._grouped_mm(activation.forward(h_TGW, probs_T[s:t]), w2_EWD, offs=offs)
     for e in members:
         hs[e] = h_TGW[offsets[e] - s : offsets[e + 1] - s]
 
