@@ -215,3 +215,29 @@ def test_existing_checkpoint_is_never_overwritten(data, base_run, tmp_path):
     lines = _error_lines(proc)
     assert len(lines) == 2 and all("iter_0000002 already exists" in line for line in lines), proc.stderr[-3000:]
     assert marker.read_text() == "precious"
+
+
+def test_sigterm_saves_and_stops_cleanly(data, tmp_path):
+    """SIGTERM to torchrun reaches every rank; they agree, save a checkpoint and exit."""
+    import signal
+    import time
+
+    log, save = tmp_path / "log", tmp_path / "save"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+           "-m", "modse_megatron.pretrain", "--data-path", data["prefix"], "--tokenizer", data["tokenizer"],
+           "--data-cache-dir", data["cache"], *TINY, "--train-iters", "100000", "--lr-warmup-iters", "1",
+           "--log-dir", str(log), "--save", str(save)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 180
+    metrics = log / "metrics.jsonl"
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "modse-pretrain: SIGTERM at iteration" in out, err[-3000:]
+    saved = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= saved < 100000
+    assert (save / f"iter_{saved:07d}").is_dir()
+    assert not list(save.glob("*.tmp"))
