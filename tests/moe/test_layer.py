@@ -162,6 +162,40 @@ def test_four_ranks_match_ep1(dist4, dispatcher, placement, layout, extra):
     _assert_same(runs, _reference(dist4, extra))
 
 
+ROUTER_OPTIONS = {
+    "seq_aux_loss": (("moe_router_load_balancing_type", "seq_aux_loss"),),
+    "global_aux_loss+z_loss": (("moe_router_load_balancing_type", "global_aux_loss"), ("moe_z_loss_coeff", 1e-3)),
+    "expert_bias+sigmoid": (("moe_router_enable_expert_bias", True), ("moe_router_score_function", "sigmoid"),
+                            ("moe_router_load_balancing_type", "none"), ("moe_aux_loss_coeff", 0.0)),
+    "top1+pre_softmax": (("moe_router_topk", 1), ("moe_router_pre_softmax", True)),
+}
+
+
+@pytest.mark.parametrize("option", sorted(ROUTER_OPTIONS))
+def test_router_options_with_variable_widths(dist2, option):
+    """megatron's router features (aux-loss variants, z-loss, loss-free bias, top-1) give the
+    same results with a permuted placement at EP=2 as at EP=1."""
+    extra = ROUTER_OPTIONS[option]
+    _assert_same(dist2.run(_run_layer, "alltoall", EXPLICIT, ep=2, **dict(extra)), _reference(dist2, extra))
+
+
+def _router_variant(router_type, granularity):
+    layer = _build(_config(), MoDSEConfig(moe_expert_size_preset="paper8", moe_router_type=router_type,
+                                          moe_routing_granularity=granularity))
+    out, _ = layer(_tokens())
+    out.sum().backward()
+    stats = layer.routing_stats
+    return (layer.router.router_type, layer.router.granularity, layer.router.weight.requires_grad,
+            int(stats.sum()), bool(torch.isfinite(out).all()))
+
+
+@pytest.mark.parametrize("router_type, granularity", [("frozen", "token"), ("random", "sequence"), ("learned", "sequence")])
+def test_router_variants_reach_the_router(dist2, router_type, granularity):
+    for rt, gran, trainable, routed, finite in dist2.run(_router_variant, router_type, granularity, ep=2):
+        assert (rt, gran, trainable) == (router_type, granularity, router_type == "learned")
+        assert routed == SEQ * BATCH * 2 and finite  # top-2 of every local token, per logical expert
+
+
 def test_shared_expert_with_modse_experts(dist2):
     """A shared (generalist) expert adds to the MoDSE experts the same way under EP=2."""
     extra = (("moe_shared_expert_intermediate_size", 24),)
