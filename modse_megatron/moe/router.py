@@ -64,7 +64,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.moe.moe_utils import (
     apply_random_logits,
@@ -114,6 +113,26 @@ def drop_tokens_over_capacity(
         mask_TE = capacity_mask(probs_TE, map_TE, capacity, drop_policy)
     final_TE = mask_TE if pad_to_capacity else map_TE & mask_TE
     return probs_TE * final_TE, final_TE
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group whose backward is a sum over the group too: each rank's partial sum
+    feeds every rank's tokens, so its gradient is the sum of all ranks' gradients. (megatron's
+    ``reduce_from_tensor_model_parallel_region`` has an identity backward, right only when every
+    rank computes the same loss from the sum.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class MoDSERouter(TopKRouter):
@@ -215,7 +234,7 @@ class MoDSERouter(TopKRouter):
         count_B1 = valid_SB1.sum(dim=0)
         group = self._sequence_pooling_group()
         if group is not None:
-            sum_BE = dist_fn.all_reduce(sum_BE, op=dist.ReduceOp.SUM, group=group)
+            sum_BE = _AllReduceSum.apply(sum_BE, group)
             count_B1 = count_B1.clone()
             dist.all_reduce(count_B1, group=group)
         pooled_BE = sum_BE / count_B1.clamp_min(1.0)
@@ -339,7 +358,8 @@ class MoDSERouter(TopKRouter):
         def build(key, data, replica_id, flattened_range):
             assert flattened_range is None, "router tensors are never flattened (not TP/DP sharded)"
             logical = data.detach()[logical_to_slot.to(data.device)]
-            return dataclasses.replace(sh_ten, key=key, data=logical, replica_id=replica_id)
+            # dtype follows the data: optimizer states (fp32) replace bf16 parameters here.
+            return dataclasses.replace(sh_ten, key=key, data=logical, dtype=logical.dtype, replica_id=replica_id)
 
         def merge(loaded):
             return loaded[slots.to(loaded.device)]

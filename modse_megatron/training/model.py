@@ -125,6 +125,11 @@ def wrap_and_optimize(args: PretrainArgs, config, model):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o, p = args.optim, args.parallel
+    if args.model.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        # As Megatron-LM: bf16 parameters, fp32 inputs cast on entry and outputs cast back.
+        model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

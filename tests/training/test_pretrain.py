@@ -241,3 +241,19 @@ def test_sigterm_saves_and_stops_cleanly(data, tmp_path):
     assert 2 <= saved < 100000
     assert (save / f"iter_{saved:07d}").is_dir()
     assert not list(save.glob("*.tmp"))
+
+
+def test_bf16_trains_saves_and_resumes_exactly(data, tmp_path):
+    """bf16 parameters (fp32 main weights in the distributed optimizer), EP=2, save, resume."""
+    args = [*TINY, "--bf16", "--expert-model-parallel-size", "2", "--train-iters", "4"]
+    full = tmp_path / "full"
+    ok(torchrun([*args, "--log-dir", str(full), "--save", str(full / "ckpt"), "--save-interval", "2"], data=data))
+    start = tmp_path / "start"
+    start.mkdir()
+    os.symlink(full / "ckpt" / "iter_0000002", start / "iter_0000002")
+    (start / "latest_checkpointed_iteration.txt").write_text("2")
+    resumed = tmp_path / "resumed"
+    ok(torchrun([*args, "--log-dir", str(resumed), "--load", str(start)], data=data))
+    a, b = losses(full), losses(resumed)
+    assert a[4] < a[1]
+    assert b == {3: a[3], 4: a[4]}
