@@ -331,6 +331,35 @@ def test_sequence_routing_under_sequence_parallelism(dist2):
         assert_close_rel(r["router_grad"], r["ref_router_grad"], RTOL, "router grad")
 
 
+def _sequence_parallel_layer_run(dispatcher, sequence_parallel):
+    """megatron's MoELayer with sequence routing: TP=2 + SP (each rank half of each sequence)
+    or TP=1 on the whole sequence."""
+    from megatron.core import parallel_state as ps
+
+    from modse_megatron.moe.router import MoDSERouter
+
+    config = _config(moe_token_dispatcher_type=dispatcher, sequence_parallel=sequence_parallel)
+    layer = _moe_layer(config, functools.partial(MoDSERouter, granularity="sequence", slot_to_logical=PERM))
+    _load_logical(layer, PERM)
+    x = _tokens(8, 2, seed=4)
+    if sequence_parallel:
+        rank = ps.get_tensor_model_parallel_rank()
+        x = x.detach()[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    out, _ = layer(x)
+    out.square().sum().backward()
+    return dict(out=out.detach(), x_grad=x.grad)
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_sequence_routed_layer_under_sequence_parallelism(dist2, dispatcher):
+    sp = dist2.run(_sequence_parallel_layer_run, dispatcher, True, tp=2, etp=1)
+    full = dist2.run(_sequence_parallel_layer_run, dispatcher, False)[0]
+    for rank, r in enumerate(sp):
+        part = slice(rank * 4, (rank + 1) * 4)
+        assert_close_rel(r["out"], full["out"][part], RTOL, f"rank {rank} output")
+        assert_close_rel(r["x_grad"], full["x_grad"][part], RTOL, f"rank {rank} input grad")
+
+
 # ---------------------------------------------------------------- routing statistics
 def _stats_run():
     from megatron.core import tensor_parallel
