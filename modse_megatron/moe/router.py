@@ -182,20 +182,27 @@ class MoDSERouter(TopKRouter):
 
     # ------------------------------------------------------------------ weights
     def reset_parameters(self):
-        """megatron's init of the logical matrix (same RNG use as ``TopKRouter``), or the fixed
-        random projection; then rows permuted into slot order; then frozen if not learned."""
+        """megatron's init of the logical matrix, then (random router) the fixed projection,
+        then rows permuted into slot order, then frozen unless learned. megatron's init runs for
+        every router type so all of them consume the model's init RNG identically: a random-
+        or frozen-router model gets the very same non-router weights as its learned twin."""
         super().reset_parameters()
         if self.router_type == "random":
             self._draw_random_projection()
-        if not self._is_identity:
-            with torch.no_grad():
-                self.weight.data = self.weight.data[self._slots].contiguous()
-                if self.bias is not None:
-                    self.bias.data = self.bias.data[self._slots].contiguous()
+        self._logical_rows_to_slots()
         if self.router_type != "learned":
             self.weight.requires_grad_(False)
             if self.bias is not None:
                 self.bias.requires_grad_(False)
+
+    def _logical_rows_to_slots(self) -> None:
+        """weight/bias hold logical rows; reorder them so that row s is slot s's expert."""
+        if self._is_identity:
+            return
+        with torch.no_grad():
+            self.weight.data = self.weight.data[self._slots].contiguous()
+            if self.bias is not None:
+                self.bias.data = self.bias.data[self._slots].contiguous()
 
     def _draw_random_projection(self) -> None:
         """Unit-norm Gaussian rows in LOGICAL order from a generator private to this router."""
@@ -208,10 +215,12 @@ class MoDSERouter(TopKRouter):
             self.bias.data.zero_()
 
     def set_layer_number(self, layer_number: int):
-        """The random projection differs per layer, so it is redrawn once the layer is known."""
+        """The random projection differs per layer, so it is redrawn once the layer is known
+        (from its private generator only: the model's RNG is not touched)."""
         super().set_layer_number(layer_number)
         if self.router_type == "random":
-            self.reset_parameters()
+            self._draw_random_projection()
+            self._logical_rows_to_slots()
 
     # ------------------------------------------------------------------ routing
     def _sequence_pooling_group(self) -> Optional[dist.ProcessGroup]:

@@ -407,10 +407,12 @@ def _router_variants_run():
         routers[name].set_layer_number(1)
     layer2 = _router(config, router_type="random")
     layer2.set_layer_number(2)
-    seeded = {}
-    for router_type in ("learned", "frozen"):
+    seeded, rng_after = {}, {}
+    for router_type in ("learned", "frozen", "random"):
         torch.manual_seed(7)
         seeded[router_type] = _router(config, router_type=router_type, slot_to_logical=PERM)
+        seeded[router_type].set_layer_number(1)
+        rng_after[router_type] = torch.rand(3)  # the model's init stream continues identically
     errors = []
     for bad in (dict(router_type="trained"), dict(granularity="batch"), dict(slot_to_logical=[0, 0, 1, 2])):
         try:
@@ -424,6 +426,7 @@ def _router_variants_run():
         random=logical, random_identity=routers["random_identity"].weight.detach(), layer2=layer2.weight.detach(),
         learned=seeded["learned"].weight.detach(), frozen=seeded["frozen"].weight.detach(),
         requires_grad={k: r.weight.requires_grad for k, r in {**routers, **seeded}.items()},
+        seeded_random=seeded["random"].weight.detach(), rng_after=rng_after,
         everyone=everyone, errors=errors, ep=ps.get_expert_model_parallel_rank(),
     )
 
@@ -435,6 +438,8 @@ def test_random_and_frozen_router_weights(dist2):
         assert_close_rel(r["random"].norm(dim=1), torch.ones(E), 1e-6, "unit rows")
         assert not torch.allclose(r["random"], r["layer2"], atol=0.1)  # a projection per layer
         assert torch.equal(r["frozen"], r["learned"])  # frozen = learned init, kept
+        assert torch.equal(r["seeded_random"], r["random"][PERM])  # model seed irrelevant
+        assert all(torch.equal(v, r["rng_after"]["learned"]) for v in r["rng_after"].values())
         assert r["requires_grad"] == {"random": False, "random_identity": False, "learned": True, "frozen": False}
         assert len(r["errors"]) == 3
 
