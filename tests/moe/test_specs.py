@@ -141,3 +141,53 @@ def test_transformer_engine_backend_spec():
                                moe_ffn_hidden_size=40, add_bias_linear=False)
     spec = get_modse_gpt_layer_spec(MoDSEConfig(moe_expert_size_preset="paper8"), config, backend="te")
     assert spec.submodules.mlp.module is MoDSEMoELayer
+
+
+# ------------------------------------------------------------------ DDP + distributed optimizer
+def _train_steps(steps=3):
+    """megatron DDP + distributed optimizer on a MoDSE GPT: per-step losses (averaged over the
+    data-parallel ranks) and the final logical expert weights."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    torch.manual_seed(5)
+    config = _gpt_config()
+    model = _gpt(config, MoDSEConfig(moe_expert_size_preset="paper8"))
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), model
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=0.0,
+                        use_distributed_optimizer=True), [ddp],
+    )
+    losses = []
+    for step in range(steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        tokens, positions = token_batch(2, 8, VOCAB, seed=1000 * step + dist.get_rank())
+        loss = ddp(tokens, positions, None, labels=tokens).mean()
+        loss.backward()
+        ddp.finish_grad_sync()
+        assert optimizer.step()[0], "optimizer step skipped"
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean / dist.get_world_size())
+    experts = model.decoder.layers[0].mlp.experts.full_expert_tensors()
+    group = ps.get_expert_model_parallel_group()
+    everyone = [None] * group.size()
+    dist.all_gather_object(everyone, experts, group=group)
+    return torch.stack(losses), {lid: pair for part in everyone for lid, pair in part.items()}
+
+
+def test_ddp_distributed_optimizer_ep2_matches_ep1(dist2):
+    """Expert params are reduced over the expert-data-parallel group (their ``allreduce``
+    attribute): 3 Adam steps at EP=2 give the same losses and expert weights as at EP=1."""
+    ep2, ep1 = dist2.run(_train_steps, ep=2)[0], dist2.run(_train_steps, ep=1)[0]
+    assert_close_rel(ep2[0], ep1[0], RTOL, "per-step losses")
+    assert not torch.allclose(ep1[0][0], ep1[0][-1])  # training moved the loss
+    assert sorted(ep2[1]) == sorted(ep1[1]) == list(range(8))
+    for lid, (w1, w2) in ep1[1].items():
+        assert_close_rel(ep2[1][lid][0], w1, RTOL, f"expert {lid} fc1 after 3 steps")
+        assert_close_rel(ep2[1][lid][1], w2, RTOL, f"expert {lid} fc2 after 3 steps")
