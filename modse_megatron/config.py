@@ -94,6 +94,11 @@ class MoDSEConfig:
         _check_choice("moe_router_type", self.moe_router_type, ROUTER_TYPES)
         _check_choice("moe_routing_granularity", self.moe_routing_granularity, ROUTING_GRANULARITIES)
         _check_choice("moe_experts_impl", self.moe_experts_impl, EXPERTS_IMPLS)
+        if self.moe_experts_impl == "te":
+            raise ValueError(
+                "moe_experts_impl='te' (TransformerEngine experts) is not available yet: use auto, "
+                "grouped or loop"
+            )
         if transformer_config.num_moe_experts is None:
             if self.moe_expert_widths or self.moe_expert_size_ratios or self.moe_expert_size_preset not in (None, "uniform"):
                 raise ValueError(
