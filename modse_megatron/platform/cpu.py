@@ -21,6 +21,8 @@ each assumption at the narrowest seam that covers it:
 4. ``torch.distributed.all_to_all_single``: gloo only accepts ``list[int]`` split sizes, while
    megatron's alltoall dispatcher passes CPU tensors/numpy arrays (it moves the splits to host
    only when they are CUDA tensors, ``moe_utils.maybe_move_tensor_to_cpu``).
+5. ``torch.distributed.all_gather`` of unequal sizes (alltoall dispatcher with EP x expert-TP):
+   gloo refuses it, NCCL accepts it; padded to equal sizes and trimmed.
 
 Everything here is installed by :func:`install` only when CUDA is unavailable; on a GPU
 machine none of it runs. Threads do not inherit torch function modes, so threads that run
@@ -277,6 +279,40 @@ def _patch_all_to_all() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
+class _DoneWork:
+    """A finished collective for callers that asked for ``async_op=True``."""
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _patch_all_gather() -> None:
+    """gloo's all_gather needs equal tensor sizes; megatron's alltoall dispatcher with EP and
+    expert-TP gathers unequal token counts (``gather_from_sequence_parallel_region(...,
+    output_split_sizes=...)``, mappings.py:149 via token_dispatcher.py), which NCCL accepts.
+    Pad every piece to the largest first dimension, gather, then copy the real rows out."""
+    original = dist.all_gather
+
+    @functools.wraps(original)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list} | {tuple(tensor.shape)}
+        if len(shapes) == 1 or tensor.dim() == 0 or dist.get_backend(group) != "gloo":
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded_in = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded_in[: tensor.shape[0]] = tensor
+        padded_out = [tensor.new_empty((rows, *tensor.shape[1:])) for _ in tensor_list]
+        original(padded_out, padded_in, group=group)
+        for out, gathered in zip(tensor_list, padded_out):
+            out.copy_(gathered[: out.shape[0]])
+        return _DoneWork() if async_op else None
+
+    dist.all_gather = all_gather
+
+
 def _patch_megatron() -> None:
     """Fixes inside megatron-core modules, each answering one line of 0.16.1."""
     from megatron.core.tensor_parallel import random as mp_random
@@ -331,6 +367,7 @@ def install() -> None:
         return
     _patch_torch_cuda()
     _patch_all_to_all()
+    _patch_all_gather()
     _patch_megatron()
     _enter_mode_in_threads()
     _enter_mode_in_backward()

@@ -26,6 +26,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 _GRACE_AFTER_FAILURE_S = 10.0
@@ -72,7 +73,10 @@ def destroy_parallel_state() -> None:
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     clear_aux_losses_tracker()
+    get_moe_layer_wise_logging_tracker().clear()  # sized to one model's layers: start afresh
     parallel_state.destroy_model_parallel()
     # destroy_model_parallel only forgets megatron's groups; each gloo group keeps its worker
     # threads alive, so a long-lived pool would accumulate hundreds of them. Destroy them.
@@ -116,6 +120,9 @@ def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.
             init_parallel_state(layout)
             try:
                 out = fn(*args, **kwargs)
+                # Pickle as the queue will (torch's reducers): a failure must be reported here,
+                # not lost in the queue's feeder thread while the parent waits for a timeout.
+                ForkingPickler.dumps(out)
             finally:
                 destroy_parallel_state()
             results.put((rank, "ok", out))

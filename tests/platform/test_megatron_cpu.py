@@ -220,3 +220,19 @@ def test_dist_checkpointing_tp2_save_tp1_load(dist2, tmp_path):
         assert rank_state.keys() == saved.keys()
         for name, tensor in saved.items():
             assert torch.equal(rank_state[name], tensor), name
+
+
+# ---------------------------------------------------------------- gloo all_gather of unequal sizes
+def _unequal_all_gather():
+    rank = dist.get_rank()
+    mine = torch.full((rank + 1, 3), float(rank + 1))  # rank 0: 1 row, rank 1: 2 rows
+    out = [torch.empty(r + 1, 3) for r in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [t.clone() for t in out]
+
+
+def test_all_gather_of_unequal_sizes(dist2):
+    """megatron's alltoall dispatcher with EP x expert-TP gathers unequal token counts."""
+    for result in dist2.run(_unequal_all_gather):
+        assert torch.equal(result[0], torch.full((1, 3), 1.0))
+        assert torch.equal(result[1], torch.full((2, 3), 2.0))

@@ -24,12 +24,16 @@ def test_megatron_lm_flag_names_exist():
 
 def test_yaml_then_cli_override(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("num-layers: 4\nhidden_size: 64\nnum_experts: 8\nmoe_expert_size_preset: paper8\nlr: 1.0e-3\n")
-    args = parse_args(["--config", str(cfg), "--num-layers", "2", "--moe-expert-widths", "9,7,8,8,8,8,8,8"])
+    cfg.write_text("num-layers: 4\nhidden_size: 64\nnum_experts: 8\nmoe_expert_widths: [8, 8, 8, 8, 8, 8, 8, 8]\nlr: 1.0e-3\n")
+    args = parse_args(["--config", str(cfg), "--num-layers", "2", "--moe-expert-widths", "9,7,8,8,8,8,8,8",
+                       "--disable-bias-linear"])
     assert args.model.num_layers == 2 and args.model.hidden_size == 64
     assert args.modse.moe_expert_widths == [9, 7, 8, 8, 8, 8, 8, 8]
     assert args.optim.lr == 1e-3 and args.parallel.use_distributed_optimizer is True
     assert parse_args(["--no-use-distributed-optimizer"]).parallel.use_distributed_optimizer is False
+    # Two size specs at once conflict, wherever they come from.
+    with pytest.raises(ConfigError, match="give only one expert size spec"):
+        parse_args(["--config", str(cfg), "--moe-expert-size-preset", "paper8", "--disable-bias-linear"])
 
 
 @pytest.mark.parametrize(
@@ -43,6 +47,11 @@ def test_yaml_then_cli_override(tmp_path):
         (["--num-experts", "6", "--expert-model-parallel-size", "4"], None, "choose an EP size that divides it"),
         (["--moe-expert-size-preset", "paper8"], None, "expert options need an MoE model"),
         (["--sequence-parallel"], None, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (["--num-experts", "8"], None, "MoDSE experts have no linear biases"),
+        (["--num-experts", "8", "--disable-bias-linear", "--tensor-model-parallel-size", "2"], None,
+         "need --sequence-parallel"),
+        (["--num-experts", "6", "--moe-expert-size-preset", "paper8", "--disable-bias-linear"], None,
+         "4 ratio pairs describe 8 experts"),
         (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], None, "choose a PP size that divides it"),
         (["--save-interval", "5"], None, "--save-interval needs --save DIR"),
         (["--num-experts", "8", "--moe-layer-impl", "megatron", "--moe-expert-size-preset", "paper8"], None,
@@ -82,7 +91,8 @@ def test_world_layout(argv, world, expected):
     [
         (["--tensor-model-parallel-size", "2"], 3, "not divisible by TP x PP"),
         (["--micro-batch-size", "2", "--global-batch-size", "6"], 2, "use a multiple of 4"),
-        (["--num-experts", "4", "--expert-model-parallel-size", "4"], 2, "not divisible by EP x expert-TP"),
+        (["--num-experts", "4", "--expert-model-parallel-size", "4", "--disable-bias-linear"], 2,
+         "not divisible by EP x expert-TP"),
     ],
 )
 def test_world_layout_errors(argv, world, expected):
