@@ -167,7 +167,18 @@ def _user_errors() -> tuple[type, ...]:
     return tuple(errors)
 
 
+def _quiet_known_warnings() -> None:
+    """Warnings megatron-core 0.16.1 triggers on every run that a user cannot act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_known_warnings()
     try:
         args = parse_args(argv)
         run(args)
