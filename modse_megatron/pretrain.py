@@ -184,10 +184,30 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except _user_errors() as err:
         print(f"modse-pretrain: error: {err}", file=sys.stderr, flush=True)
+        _error_rendezvous()
         return 2
     finally:
         _shutdown()
     return 0
+
+
+def _error_rendezvous(seconds: float = 10.0) -> None:
+    """Give the other ranks a moment to report the same error before this one exits.
+
+    User errors are raised on every rank alike, but torchrun kills the remaining ranks as soon
+    as one exits, which could cut off their one-line messages. A barrier with a timeout lets
+    all ranks that hit the error print it; a rank that did not is simply not waited for long.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from datetime import timedelta
+
+    try:
+        dist.barrier(async_op=True).wait(timeout=timedelta(seconds=seconds))
+    except Exception:  # timed out or the group is already broken: exit anyway
+        pass
 
 
 def _shutdown() -> None:
