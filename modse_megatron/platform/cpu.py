@@ -321,6 +321,14 @@ def _patch_megatron() -> None:
     # tensor_parallel/random.py:99-111 `_set_cuda_rng_state` defers the state change through
     # `torch.cuda._lazy_call`, which on a CPU build queues it for a CUDA init that never comes.
     mp_random._lazy_call = lambda callback: callback()
+    # random.py:263-265 warns when the CPU RNG changes inside `fork()`; on CPU the "CUDA" RNG
+    # the tracker forks IS the CPU generator, so every draw in a forked region (dropout, init)
+    # would warn although the tracker saves and restores it correctly.
+    import logging
+
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context"
+    )
     # moe_utils.py:1192 reads `te_general_gemm`, bound only when TransformerEngine imports (:34).
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
