@@ -166,21 +166,11 @@ class BatchPlacementPlan:
 
 
 def parse_ratios(text: str) -> list[tuple[float, float]]:
-    """Parse ``"4.5:0.5,4.0:1.0"`` into ``[(4.5, 0.5), (4.0, 1.0)]``."""
-    pairs: list[tuple[float, float]] = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 2:
-            raise ValueError(
-                f"ratio {item.strip()!r} is not a pair a:b: write pairs like 4.5:0.5,4.0:1.0"
-            )
-        try:
-            pairs.append((float(parts[0]), float(parts[1])))
-        except ValueError:
-            raise ValueError(
-                f"ratio {item.strip()!r} has a non-number: write pairs like 4.5:0.5"
-            ) from None
-    return pairs
+    """Parse ``"4.5:0.5,4.0:1.0"`` into ``[(4.5, 0.5), (4.0, 1.0)]`` (same parser and errors as
+    ``MoDSEConfig``'s ``moe_expert_size_ratios``)."""
+    from modse_megatron.config import parse_ratio_pairs
+
+    return [(float(a), float(b)) for a, b in parse_ratio_pairs(text)]
 
 
 def widths_from_ratios(
