@@ -30,6 +30,7 @@ def _init_distributed(args: PretrainArgs) -> dict[str, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     layout = world_layout(args, world)  # before any collective: a bad layout fails on every rank alike
+    _check_save_dir(args)
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -54,6 +55,22 @@ def _init_distributed(args: PretrainArgs) -> dict[str, int]:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return {**layout, "rank": rank, "world_size": world, "device": device}
+
+
+def _check_save_dir(args: PretrainArgs) -> None:
+    """Refuse, before training, a --save directory that already holds a run we would not
+    continue: finding out only at the first save would waste the run."""
+    from pathlib import Path
+
+    from modse_megatron.training.checkpointing import latest_iteration
+
+    save, load = args.run.save, args.run.load
+    if not save or latest_iteration(save) is None:
+        return
+    if load and Path(load).resolve() == Path(save).resolve() and not args.run.finetune:
+        return
+    raise ConfigError(f"--save {save} already holds checkpoints (latest iteration {latest_iteration(save)}): "
+                      f"add --load {save} to continue that run, or choose another --save directory")
 
 
 def _datasets(args: PretrainArgs, layout: dict[str, int]):
@@ -130,16 +147,17 @@ def run(args: PretrainArgs) -> dict[str, object]:
         f"{nparams / 1e6:.2f}M params on rank 0, global batch {layout['global_batch_size']} x {args.model.seq_length} tokens, "
         f"starting at iteration {state.iteration}"
     )
-    saved = None
+    saved, saved_iteration = None, state.iteration  # a loaded checkpoint counts as saved
 
     def save(t: Trainer) -> None:
-        nonlocal saved
+        nonlocal saved, saved_iteration
         meta = {"consumed_samples": t.state.consumed_samples, "args": args.to_dict()}
         saved = checkpointing.save_checkpoint(args.run.save, t.state.iteration, ddp, optimizer, scheduler, meta)
+        saved_iteration = t.state.iteration
         metrics.message(f"saved checkpoint {saved}")
 
     reason = trainer.train(save)
-    if args.run.save and (saved is None or not str(saved).endswith(f"{state.iteration:07d}")):
+    if args.run.save and saved_iteration != state.iteration:
         save(trainer)
     final = {"iteration": state.iteration, "stopped": reason}
     if reason == "finished":
@@ -157,14 +175,9 @@ def _user_errors() -> tuple[type, ...]:
     from modse_megatron.platform import PlatformError
     from modse_megatron.training.checkpointing import CheckpointError
 
-    errors: list[type] = [ConfigError, PlatformError, CheckpointError]
-    try:
-        from modse_megatron.training.data import DataError
+    from modse_megatron.training.data import DataError
 
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, PlatformError, CheckpointError, DataError)
 
 
 def _quiet_known_warnings() -> None:

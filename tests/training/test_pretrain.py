@@ -177,6 +177,7 @@ def _error_lines(proc) -> list[str]:
         ("corrupt_idx", ".idx"),
         ("bad_layout", "is not divisible by TP x PP"),
         ("yaml_typo", "unknown option 'num_layer' in the config file (did you mean num_layers?)"),
+        ("save_holds_run", "already holds checkpoints (latest iteration 7): add --load"),
     ],
 )
 def test_bad_input_fails_fast_on_every_rank(data, tmp_path, case, expected):
@@ -192,6 +193,10 @@ def test_bad_input_fails_fast_on_every_rank(data, tmp_path, case, expected):
         d["prefix"] = str(tmp_path / "bad")
     elif case == "bad_layout":
         args += ["--pipeline-model-parallel-size", "4", "--num-layers", "4"]
+    elif case == "save_holds_run":
+        (tmp_path / "save").mkdir()
+        (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("7")
+        args += ["--save", str(tmp_path / "save")]
     elif case == "yaml_typo":
         cfg = tmp_path / "c.yaml"
         cfg.write_text("num_layer: 2\n")
