@@ -214,6 +214,12 @@ def _error_rendezvous(seconds: float = 10.0) -> None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
+        # Option errors come before any process group exists: the same check fails on every
+        # rank within moments, so just give the slower ranks time to print theirs.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import time
+
+            time.sleep(min(seconds, 3.0))
         return
     from datetime import timedelta
 
