@@ -83,8 +83,8 @@ def _datasets(args: PretrainArgs, layout: dict[str, int]):
             raise ConfigError("--data-path needs --tokenizer PATH/tokenizer.json (the tokenizer the data was made with)")
         prefix, tokenizer_path = d.data_path, d.tokenizer
     else:
-        # Rank 0 builds the cache; the others then find it (the build is lock-safe anyway).
-        _rank0_first(lambda: builtin_corpus(vocab_size=d.vocab_size))
+        # Every rank asks: the first builds the cache under a file lock, the others wait for it
+        # and reuse it (one build per machine on multi-node runs without a shared home).
         prefix, tokenizer_path = builtin_corpus(vocab_size=d.vocab_size)
     tokenizer = load_tokenizer(tokenizer_path)
     gbs = layout["global_batch_size"]
@@ -95,23 +95,6 @@ def _datasets(args: PretrainArgs, layout: dict[str, int]):
     # Collective: megatron builds the sample-index caches on rank 0, then the others load them.
     # Validation runs on every rank alike, so bad data fails everywhere at once.
     return build_gpt_datasets(prefix, tokenizer, args.model.seq_length, **kwargs), tokenizer
-
-
-def _rank0_first(fn):
-    """Run ``fn`` on rank 0, then on the others; a user error on rank 0 is raised on every
-    rank with the same one-line message instead of leaving them waiting at a barrier."""
-    import torch.distributed as dist
-
-    result, message = None, [None]
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except _user_errors() as err:
-            message = [str(err)]
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise ConfigError(message[0])
-    return fn() if dist.get_rank() != 0 else result
 
 
 def run(args: PretrainArgs) -> dict[str, object]:
