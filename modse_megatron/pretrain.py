@@ -108,7 +108,7 @@ def run(args: PretrainArgs) -> dict[str, object]:
 
     layout = _init_distributed(args)
     datasets, tokenizer = _datasets(args, layout)
-    config = transformer_config(args, layout)
+    config = transformer_config(args)
     model = build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.parallel.tensor_model_parallel_size))
     ddp, optimizer, scheduler = wrap_and_optimize(args, config, model)
     state = TrainState()

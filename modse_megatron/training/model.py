@@ -16,7 +16,7 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
-def transformer_config(args: PretrainArgs, layout: dict[str, int]):
+def transformer_config(args: PretrainArgs):
     """The megatron TransformerConfig of the run (MoDSE options stay in ``args.modse``)."""
     from megatron.core.transformer import TransformerConfig
 
