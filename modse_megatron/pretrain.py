@@ -179,12 +179,30 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         run(args)
     except _user_errors() as err:
-        print(f"modse-pretrain: error: {err}", file=sys.stderr, flush=True)
+        _write_line_atomically(f"modse-pretrain: error: {err}")
         _error_rendezvous()
         return 2
     finally:
         _shutdown()
     return 0
+
+
+def _write_line_atomically(text: str) -> None:
+    """Write one line to stderr in a single write(2) call.
+
+    Every rank reports the same error into the one stderr torchrun shares; ``print`` issues the
+    text and its newline as separate writes, so two ranks could interleave into one garbled line.
+    A single write of a line shorter than PIPE_BUF is atomic on pipes.
+    """
+    line = text.replace("\n", " ") + "\n"
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an in-memory stream
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        return
+    os.write(fd, line.encode("utf-8", "replace"))
 
 
 def _error_rendezvous(seconds: float = 10.0) -> None:
