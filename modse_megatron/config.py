@@ -81,10 +81,13 @@ class MoDSEConfig:
 
     moe_experts_impl: str = field(
         default="auto",
-        metadata={"help": "Expert compute: auto, loop (reference), grouped (fast CPU/GPU path) or te (TransformerEngine)."},
+        metadata={"help": "Expert compute: auto (te under FP8 when TransformerEngine and a GPU are present, else grouped), loop (reference), grouped (fast CPU/GPU path) or te (TransformerEngine BF16/FP8 GEMMs, GPU only)."},
     )
-    """``auto`` = ``grouped`` (as fast as the loop on CPU, ~4x less activation memory; uses
-    ``torch._grouped_mm`` for equal-width experts on CUDA); ``te`` is not built yet."""
+    """``auto`` = ``te`` when the model uses FP8 and TransformerEngine and CUDA are available,
+    else ``grouped`` (as fast as the loop on CPU, ~4x less activation memory; uses
+    ``torch._grouped_mm`` for equal-width experts on CUDA). ``te`` runs each expert's GEMMs
+    through TransformerEngine (BF16, or FP8 with per-expert token padding) with the same
+    parameters and checkpoint keys as the other impls; it needs a GPU and TE."""
 
     # ------------------------------------------------------------------ validation / adapter
     def validate(self, transformer_config: Any) -> None:
@@ -96,10 +99,12 @@ class MoDSEConfig:
         _check_choice("moe_routing_granularity", self.moe_routing_granularity, ROUTING_GRANULARITIES)
         _check_choice("moe_experts_impl", self.moe_experts_impl, EXPERTS_IMPLS)
         if self.moe_experts_impl == "te":
-            raise ValueError(
-                "moe_experts_impl='te' (TransformerEngine experts) is not available yet: use auto, "
-                "grouped or loop"
-            )
+            # Imports torch: only when te is asked for (this module stays torch-free).
+            from .moe.te_experts import te_unavailable_reason
+
+            reason = te_unavailable_reason()
+            if reason is not None:
+                raise ValueError(reason)
         if transformer_config.num_moe_experts is None:
             if self.moe_expert_widths or self.moe_expert_size_ratios or self.moe_expert_size_preset not in (None, "uniform"):
                 raise ValueError(

@@ -18,8 +18,10 @@ Implementations (``impl``):
   ``torch._grouped_mm`` (on CUDA by default), activations are recomputed in backward instead
   of stored, and outputs are written into one preallocated buffer.
 
-A TransformerEngine path (FP8 GEMMs) is not built yet; ``MoDSEConfig.moe_experts_impl='te'``
-is rejected with that message rather than silently falling back.
+* ``te`` - GPUs only: each expert's fc1/fc2 is a TransformerEngine ``Linear`` (BF16 GEMMs, or
+  FP8 inside megatron's FP8 autocast with each expert's tokens padded to the FP8 alignment);
+  same parameters, initialisation and checkpoint entries as the other impls
+  (:mod:`modse_megatron.moe.te_experts`).
 
 Checkpoints: one ``ShardedTensor`` per *logical* expert and weight
 (``...experts.expert{id}.linear_fc1.weight``), sharded along the width by ETP and replicated
@@ -31,6 +33,7 @@ E local experts.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -43,7 +46,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from . import te_experts
+
+#: Implementations that run on any device (CPU included); ``te`` needs a GPU with TE.
 IMPLS = ("loop", "grouped")
+ALL_IMPLS = (*IMPLS, te_experts.TE_IMPL)
 
 
 class _Linear(nn.Module):
@@ -61,10 +68,11 @@ class Expert(nn.Module):
     shard holds the same hidden units of the gate and the up projection.
     """
 
-    def __init__(self, w1_GWD: torch.Tensor, w2_DW: torch.Tensor, logical_id: int, width: int):
+    def __init__(self, w1_GWD: torch.Tensor, w2_DW: torch.Tensor, logical_id: int, width: int,
+                 linear=_Linear):
         super().__init__()
-        self.linear_fc1 = _Linear(w1_GWD)
-        self.linear_fc2 = _Linear(w2_DW)
+        self.linear_fc1 = linear(w1_GWD)  # ``linear(weight)``: a module whose ``.weight`` it is
+        self.linear_fc2 = linear(w2_DW)
         self.logical_id = logical_id
         self.width = width  # full (unsharded) width
 
@@ -96,7 +104,7 @@ class MoDSEExperts(MegatronModule):
         pg_collection: megatron process groups (``ep``, ``expt_tp``, ``expt_dp`` are used).
         expert_widths: full FFN width of each local expert, in physical slot order.
         logical_ids: logical id of each local expert (checkpoint keys, statistics).
-        impl: ``loop`` or ``grouped`` (see module docstring).
+        impl: ``loop``, ``grouped`` or ``te`` (see module docstring).
         use_grouped_mm: run equal-width experts through ``torch._grouped_mm``; default: on CUDA.
     """
 
@@ -113,6 +121,10 @@ class MoDSEExperts(MegatronModule):
         use_grouped_mm: Optional[bool] = None,
     ):
         super().__init__(config=config)
+        if impl not in ALL_IMPLS:
+            raise ValueError(f"impl={impl!r} is not valid: use one of {', '.join(ALL_IMPLS)}")
+        if impl == te_experts.TE_IMPL:
+            te_experts.check_te_available()
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         if len(expert_widths) != num_local_experts or len(logical_ids) != num_local_experts:
@@ -120,8 +132,6 @@ class MoDSEExperts(MegatronModule):
                 f"{num_local_experts} local experts but {len(expert_widths)} widths and "
                 f"{len(logical_ids)} logical ids: give one of each per local expert"
             )
-        if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r} is not valid: use one of {', '.join(IMPLS)}")
         if config.add_bias_linear:
             raise ValueError("MoDSE experts have no linear biases: set add_bias_linear=False")
         self.num_local_experts = num_local_experts
@@ -143,16 +153,19 @@ class MoDSEExperts(MegatronModule):
         self.activation = _activation(config)
         self.fused_activation = _make_activation(config)
         self.gated = bool(config.gated_linear_unit)
+        self.quantization_align = te_experts.quantization_alignment(config) if impl == te_experts.TE_IMPL else 1
+        """Rows each expert's token block is padded to (``te`` under FP8; else 1)."""
 
         # One base seed drawn from the (layout-independent) RNG stream, then a generator per
         # logical expert: initial weights depend on the logical id only, not on EP/ETP size
         # or placement, and experts on different EP ranks never share an initialisation.
         base_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         expert_parallel = config.expert_model_parallel_size > 1
+        linear = te_experts.make_te_linear if impl == te_experts.TE_IMPL else _Linear
         self.local_experts = nn.ModuleList()
         for width, lid in zip(self.expert_widths, self.logical_ids):
             w1, w2 = self._init_expert(width, base_seed + lid, etp, etp_rank)
-            expert = Expert(w1, w2, lid, width)
+            expert = Expert(w1, w2, lid, width, linear=linear)
             for param, dim in ((expert.linear_fc1.weight, 0), (expert.linear_fc2.weight, 1)):
                 # Attributes megatron's DDP, optimizer and grad clipping read: expert params
                 # are reduced over the expert-data-parallel group, not the data-parallel one.
@@ -161,6 +174,9 @@ class MoDSEExperts(MegatronModule):
                 param.partition_dim = dim
                 param.partition_stride = 1
             self.local_experts.append(expert)
+        # TE linears add ``_extra_state`` (FP8 metadata) to state dicts; the other impls have
+        # none. Neither side needs the other's, so state dicts load across impls.
+        self.register_load_state_dict_post_hook(_ignore_expert_extra_state)
 
     def _init_expert(self, width: int, seed: int, etp: int, etp_rank: int):
         """Full (master) weights from the expert's own generator, then this ETP rank's shard."""
@@ -227,6 +243,11 @@ class MoDSEExperts(MegatronModule):
             raise ValueError(f"tokens_per_expert sums to {sum(counts)}, input has {x_TD.shape[0]} rows")
         if self.impl == "loop":
             return self._forward_loop(x_TD, counts, probs_T), None
+        if self.impl == te_experts.TE_IMPL:
+            y_TD = te_experts.te_experts_forward(
+                self.local_experts, x_TD, probs_T, counts, self.activation, self.quantization_align
+            )
+            return y_TD, None
         grouped_mm = self.use_grouped_mm
         if grouped_mm is None:
             grouped_mm = x_TD.is_cuda and hasattr(torch, "_grouped_mm")
@@ -278,6 +299,16 @@ class MoDSEExperts(MegatronModule):
                     sh = apply_swiglu_sharded_factory(sh, sharded_offsets)
                 out[f"{prefix}local_experts.{i}.{name}.weight"] = sh
         return out
+
+
+_EXPERT_EXTRA_STATE = re.compile(r"(^|\.)local_experts\.\d+\.linear_fc[12]\._extra_state$")
+
+
+def _ignore_expert_extra_state(module, incompatible_keys) -> None:
+    """Load-state-dict post hook: experts' ``linear_fc*._extra_state`` entries (TE's FP8
+    metadata) are neither required nor unexpected, like megatron's ``GroupedMLP`` does."""
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k for k in keys if not _EXPERT_EXTRA_STATE.search(k)]
 
 
 def etp_shard(w1_GWD: torch.Tensor, w2_DW: torch.Tensor, etp: int, rank: int, gated: bool):
@@ -430,4 +461,4 @@ def _grouped_forward(x_TD, probs_T, offsets, members, w1s, w2s, activation, y_TD
         hs[e] = h_TGW[offsets[e] - s : offsets[e + 1] - s]
 
 
-__all__ = ["Expert", "IMPLS", "MoDSEExperts", "etp_shard"]
+__all__ = ["ALL_IMPLS", "IMPLS", "Expert", "MoDSEExperts", "etp_shard"]

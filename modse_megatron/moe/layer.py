@@ -28,25 +28,29 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config import MoDSEConfig
+from . import te_experts
 from .experts import MoDSEExperts
 from .placement import check_slot_order, resolve_ranks, slot_order
 from .router import MoDSERouter
 
 
-def resolve_experts_impl(requested: str) -> str:
+def resolve_experts_impl(requested: str, config=None) -> str:
     """Map ``MoDSEConfig.moe_experts_impl`` to an implementation of :class:`MoDSEExperts`.
 
-    ``auto`` is the grouped fast path: in ``benchmarks/moe_layer.py`` (CPU, fp32, paper ratios)
-    it runs as fast as the loop or slightly faster (1.0-1.07x) and keeps ~4x less activation
-    memory for backward (it stores only fc1 outputs).
+    ``auto`` is ``te`` when ``config`` (the TransformerConfig) asks for FP8 and TransformerEngine
+    and CUDA are available: FP8 GEMMs need TE. Otherwise it is the grouped fast path: in
+    ``benchmarks/moe_layer.py`` (CPU, fp32, paper ratios) it runs as fast as the loop or
+    slightly faster (1.0-1.07x) and keeps ~4x less activation memory for backward (it stores
+    only fc1 outputs). FP8 without TE is refused earlier, by the training entry point.
+    ``te`` on a machine without TE or CUDA raises a one-line ``ValueError`` naming the fix.
     """
     if requested == "auto":
+        fp8 = bool(getattr(config, "fp8", None))
+        if fp8 and te_experts.te_unavailable_reason(import_te=True) is None:
+            return te_experts.TE_IMPL
         return "grouped"
-    if requested == "te":
-        raise ValueError(
-            "moe_experts_impl='te' (TransformerEngine experts) is not available yet: use auto, "
-            "grouped or loop"
-        )
+    if requested == te_experts.TE_IMPL:
+        te_experts.check_te_available()
     return requested
 
 
@@ -90,7 +94,7 @@ class MoDSEMoELayer(MoELayer):
             params=dict(
                 expert_widths=[widths[e] for e in local_ids],
                 logical_ids=local_ids,
-                impl=resolve_experts_impl(modse_config.moe_experts_impl),
+                impl=resolve_experts_impl(modse_config.moe_experts_impl, config),
             ),
         )
         router = functools.partial(

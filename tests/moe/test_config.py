@@ -64,7 +64,6 @@ def test_expert_widths_resolve(modse, tc_overrides, widths):
         (dict(moe_router_type="trained"), {}, "learned, frozen, random"),
         (dict(moe_routing_granularity="batch"), {}, "token, sequence"),
         (dict(moe_experts_impl="fast"), {}, "auto, loop, grouped, te"),
-        (dict(moe_experts_impl="te"), {}, "not available yet"),
         (dict(), dict(add_bias_linear=True), "add_bias_linear=False"),
         (dict(moe_expert_placement="0,0,0,0,1,1,1,2"), dict(expert_model_parallel_size=2), "EP rank"),
         (dict(moe_expert_placement="0,1"), dict(expert_model_parallel_size=2), "one EP rank per expert"),
