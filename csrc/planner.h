@@ -2,7 +2,8 @@
 //
 // Per layer, goals in order (see planner_common.h for the vocabulary):
 //   1. memory:   paired mode keeps complementary pairs together -> equal memory per rank;
-//   2. compute:  minimise max_r sum_{e on r} t[e] * s[e] (exact for k <= 2 and small n);
+//   2. compute:  minimise max_r sum_{e on r} t[e] * s[e] (exact for k <= 2 and small n;
+//                paired mode adds an outlier start and three-bin re-splits, resplit.h);
 //   3. nodes:    balance token inflow per node without raising max compute (hierarchy.h);
 //   4. moves:    among plans equally good on 1-3, move the fewest bytes from `previous`
 //                (warm start from it + relabelling, relabel.h).
@@ -20,6 +21,7 @@
 #include "planner_hierarchy.h"
 #include "planner_pairs.h"
 #include "planner_relabel.h"
+#include "planner_resplit.h"
 
 namespace modse_planner {
 
@@ -83,6 +85,17 @@ struct Layer {
       const double target = lb * (1.0 + o.good_enough);
       c.bin_of = paired ? paired_heuristic(w, ps, s, R, k, target, max_iters, &v, &desc)
                         : heuristic_partition(w, R, k, target, max_iters, &v, &desc);
+      if (paired) {
+        paired_resplit(w, s, ps, R, k, target, max_iters, c.bin_of, v);
+        std::vector<int> alt;
+        double alt_value = 0.0;
+        if (v > target + eps_of(target) &&
+            paired_outlier_plan(w, s, ps, R, k, target, max_iters, alt, alt_value) &&
+            alt_value < v) {
+          c.bin_of = std::move(alt);
+          v = alt_value;
+        }
+      }
       c.method = Method::kHeuristic;
       proven = v <= lb + eps_of(lb);
       if (!proven && n <= o.exact_max_experts) {
@@ -104,7 +117,7 @@ struct Layer {
     if (paired && !bins_are_pairs(s, prev, R, k, ps.pair_sum)) return false;
     Bins bins(w, prev, R, k);
     const double target = lb * (1.0 + o.good_enough);
-    c.value = paired ? paired_descent(w, s, ps, bins, target, max_iters)
+    c.value = paired ? paired_improve(w, s, ps, bins, target, max_iters)
                      : swap_descent(w, bins, target, max_iters);
     c.bin_of = bins.bin_of;
     c.method = Method::kPrevious;

@@ -7,6 +7,7 @@
 
 #include <limits>
 #include <queue>
+#include <tuple>
 #include <utility>
 
 #include "planner_common.h"
@@ -64,10 +65,12 @@ inline std::vector<std::vector<int>> class_members(const std::vector<double>& w,
 // For one pair type (c, comp c) the j cheapest disjoint pairs are the j lightest of each class
 // (the 2j lightest for the middle class); the j-th increment is nondecreasing in j, so across
 // types the cheapest total takes the m smallest increments (a k-way merge).
+// `chosen`, when given, receives the pairs taken (for the m-th prefix).
 inline std::vector<double> cheapest_pairs(const std::vector<double>& w,
                                           const std::vector<std::vector<int>>& members,
                                           const std::vector<int>& comp, int m, int skip = 0,
-                                          int x1 = -1, int x2 = -1) {
+                                          int x1 = -1, int x2 = -1,
+                                          std::vector<std::pair<int, int>>* chosen = nullptr) {
   const int num_classes = static_cast<int>(comp.size());
   std::vector<int> first(num_classes, skip), second(num_classes, skip);  // cursors
   auto take = [&](int c, int& at) {
@@ -77,21 +80,23 @@ inline std::vector<double> cheapest_pairs(const std::vector<double>& w,
     }
     return -1;
   };
-  using Entry = std::pair<double, int>;  // (next increment of pair type c, c <= comp[c])
+  // (next increment of pair type c, c <= comp[c], its two experts)
+  using Entry = std::tuple<double, int, int, int>;
   std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
   auto push_next = [&](int c) {
     const int x = take(c, first[c]);
     const int y = c == comp[c] ? take(c, first[c]) : take(comp[c], second[c]);
-    if (x >= 0 && y >= 0) heap.emplace(w[x] + w[y], c);
+    if (x >= 0 && y >= 0) heap.emplace(w[x] + w[y], c, x, y);
   };
   for (int c = 0; c < num_classes && m > 0; ++c)
     if (comp[c] >= c) push_next(c);
   std::vector<double> prefix(m + 1, std::numeric_limits<double>::infinity());
   prefix[0] = 0.0;
   for (int j = 1; j <= m && !heap.empty(); ++j) {
-    const auto [inc, c] = heap.top();
+    const auto [inc, c, x, y] = heap.top();
     heap.pop();
     prefix[j] = prefix[j - 1] + inc;
+    if (chosen) chosen->emplace_back(x, y);
     push_next(c);
   }
   return prefix;

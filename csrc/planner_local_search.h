@@ -166,32 +166,42 @@ double descend(const std::vector<double>& w, Bins& bins, double target, int max_
   return value;
 }
 
+// The exchanges between bins h and r at one level (0: one item for one, 1: two for two), the
+// accepted ones filtered by the problem's rule: single_ok(x, y), double_ok(x1, x2, y1, y2)
+// (x from h, y from r), checked only for moves that would be taken.
+template <class SingleOk, class DoubleOk>
+void scan_exchanges(const std::vector<double>& w, const Bins& bins, int h, int r, BestMove& mv,
+                    int level, SingleOk&& single_ok, DoubleOk&& double_ok) {
+  const int k = bins.k;
+  const int* x = &bins.items[static_cast<size_t>(h) * k];
+  const int* y = &bins.items[static_cast<size_t>(r) * k];
+  if (level == 0) {
+    for (int i = 0; i < k; ++i)
+      for (int j = 0; j < k; ++j) {
+        const double d = w[x[i]] - w[y[j]];
+        if (mv.worth(d) && single_ok(x[i], y[j])) mv.take(d, x[i], y[j]);
+      }
+    return;
+  }
+  for (int i1 = 0; i1 < k; ++i1)
+    for (int i2 = i1 + 1; i2 < k; ++i2) {
+      const double out = w[x[i1]] + w[x[i2]];
+      for (int j1 = 0; j1 < k; ++j1)
+        for (int j2 = j1 + 1; j2 < k; ++j2) {
+          const double d = out - w[y[j1]] - w[y[j2]];
+          if (mv.worth(d) && double_ok(x[i1], x[i2], y[j1], y[j2]))
+            mv.take(d, x[i1], y[j1], x[i2], y[j2]);
+        }
+    }
+}
+
 // Unconstrained exchanges: singles always, doubles when k <= 4.
 inline double swap_descent(const std::vector<double>& w, Bins& bins, double target,
                            int max_iters) {
-  const int k = bins.k;
-  const bool doubles = k <= 4;
+  const bool doubles = bins.k <= 4;
+  auto any = [](auto...) { return true; };
   auto scan = [&](int h, int r, BestMove& mv, int level) {
-    const int* x = &bins.items[static_cast<size_t>(h) * k];
-    const int* y = &bins.items[static_cast<size_t>(r) * k];
-    if (level == 0) {
-      for (int i = 0; i < k; ++i)
-        for (int j = 0; j < k; ++j) {
-          const double d = w[x[i]] - w[y[j]];
-          if (mv.worth(d)) mv.take(d, x[i], y[j]);
-        }
-      return;
-    }
-    if (!doubles) return;
-    for (int i1 = 0; i1 < k; ++i1)
-      for (int i2 = i1 + 1; i2 < k; ++i2) {
-        const double out = w[x[i1]] + w[x[i2]];
-        for (int j1 = 0; j1 < k; ++j1)
-          for (int j2 = j1 + 1; j2 < k; ++j2) {
-            const double d = out - w[y[j1]] - w[y[j2]];
-            if (mv.worth(d)) mv.take(d, x[i1], y[j1], x[i2], y[j2]);
-          }
-      }
+    if (level == 0 || doubles) scan_exchanges(w, bins, h, r, mv, level, any, any);
   };
   return descend(w, bins, target, max_iters, scan, [](int, int) {});
 }

@@ -160,36 +160,20 @@ inline double paired_descent(const std::vector<double>& w, const std::vector<dou
       if (std::fabs(buf[i] + buf[k - 1 - i] - ps.pair_sum) > tol) return false;
     return true;
   };
+  auto same_class = [&](int x, int y) { return ps.cls[x] == ps.cls[y]; };
+  auto both_still_pairs = [&](int x1, int x2, int y1, int y2) {
+    return std::fabs(s[x1] + s[x2] - s[y1] - s[y2]) <= tol &&
+           still_pairs(bins.bin_of[x1], x1, x2, y1, y2) &&
+           still_pairs(bins.bin_of[y1], y1, y2, x1, x2);
+  };
   auto scan = [&](int h, int r, BestMove& mv, int level) {
-    const int* x = &bins.items[static_cast<size_t>(h) * k];
-    const int* y = &bins.items[static_cast<size_t>(r) * k];
-    if (level == 0) {
-      for (int i = 0; i < k; ++i)
-        for (int j = 0; j < k; ++j) {
-          const double d = w[x[i]] - w[y[j]];
-          if (ps.cls[x[i]] == ps.cls[y[j]] && mv.worth(d)) mv.take(d, x[i], y[j]);
-        }
+    if (level == 0 || k <= 4) {
+      scan_exchanges(w, bins, h, r, mv, level, same_class, both_still_pairs);
       return;
     }
-    if (k > 4) {
-      for (const Pair& p : pairs[h])
-        for (const Pair& q : pairs[r])
-          if (mv.worth(p.w - q.w)) mv.take(p.w - q.w, p.a, q.a, p.b, q.b);
-      return;
-    }
-    for (int i1 = 0; i1 < k; ++i1)
-      for (int i2 = i1 + 1; i2 < k; ++i2) {
-        const double out = w[x[i1]] + w[x[i2]];
-        for (int j1 = 0; j1 < k; ++j1)
-          for (int j2 = j1 + 1; j2 < k; ++j2) {
-            const double d = out - w[y[j1]] - w[y[j2]];
-            if (!mv.worth(d)) continue;
-            if (std::fabs(s[x[i1]] + s[x[i2]] - s[y[j1]] - s[y[j2]]) > tol) continue;
-            if (still_pairs(h, x[i1], x[i2], y[j1], y[j2]) &&
-                still_pairs(r, y[j1], y[j2], x[i1], x[i2]))
-              mv.take(d, x[i1], y[j1], x[i2], y[j2]);
-          }
-      }
+    for (const Pair& p : pairs[h])
+      for (const Pair& q : pairs[r])
+        if (mv.worth(p.w - q.w)) mv.take(p.w - q.w, p.a, q.a, p.b, q.b);
   };
   auto after_move = [&](int h, int r) {
     if (k > 4) {

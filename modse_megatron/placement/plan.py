@@ -12,7 +12,10 @@ independent) the planner assigns each of ``n`` experts to one of ``R`` ranks, ex
    (``balance="compute"`` also switches pairing off).  Uniform sizes need no pairing.
 2. **compute** — minimal ``max_r C_r`` with ``C_r = sum of loads[e] * sizes[e]`` on rank r.
    Exact for k = 1, k = 2 (largest with smallest) and small layers (branch and bound);
-   LPT / balanced differencing + swap descent otherwise.
+   LPT / balanced differencing + swap descent otherwise.  In paired mode also: an "outlier"
+   start (an expert too heavy for any balanced plan gets its cheapest possible rank, the
+   complementary pairs gathered from anywhere) and, for two pairs per rank, exact re-splits of
+   the heaviest rank with two others when two-rank exchanges are stuck.
 3. **node inflow** — with ``ranks_per_node``, token inflow per node is balanced without
    raising max compute (unlike DeepSeek EPLB, which balances nodes first).
 4. **moves** — with ``previous``, among equally good plans (within ``move_slack``) the one that
