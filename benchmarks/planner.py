@@ -30,8 +30,19 @@ MoDSE user solves); >= 20x faster than the baseline on the baseline's own proble
 balance), in total over the protocol and on the 61-layer batch; never worse than the baseline
 on any layer of any problem.  Paired and hierarchical speed ratios are reported too: there the
 baseline packs half the items (pairs; with k = 2 it has nothing to decide) or solves an easier
-problem, while the planner also searches for and proves a better plan.  Prints one JSON
-object.
+problem, while the planner also searches for and proves a better plan.
+
+``replicas`` (n = 256 experts, R = 64 ranks, the protocol's Zipf loads, ``--layers`` layers
+per exponent): max compute per rank with ``num_replicas`` redundant copies, against the
+planner without replicas and against EPLB's ``replicate_experts`` + ``balanced_packing``
+(global policy) written from its published description, which may put two copies of one
+expert on one rank (deepseek-ai/EPLB#22; counted).  Gaps are to the planner's replica lower
+bound, which holds for every choice of copy counts, and for the planner also to the
+pigeonhole bound for its own counts (placement quality apart from the count rule).  Cases:
+``compute_uniform`` / ``compute_modse``: 64 replicas (k = 5), ``balance="compute"``;
+``paired_modse``: 128 replicas (k = 6), memory kept exactly equal (the baseline ignores
+memory); ``compute_modse_128``: the same without equal memory (what equal memory costs).
+Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -43,7 +54,7 @@ from typing import Callable
 
 import numpy as np
 
-from modse_megatron.placement import plan_placement_batch, widths_from_ratios
+from modse_megatron.placement import _planner, plan_placement_batch, widths_from_ratios
 
 MODSE_RATIOS = "4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5"
 
@@ -278,14 +289,128 @@ def run_layers(num_layers: int = 61, n: int = 256, R: int = 64, repeat: int = 5)
     return out
 
 
+# ----------------------------------------------------------------------------- replicas
+
+
+def eplb_replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """EPLB replicate_experts: [L, n] weights -> (phy2log [L, S], copies [L, n]).
+
+    As published: slots 0..n-1 hold the experts, each further slot a copy of the expert with
+    the largest weight per copy (argmax of weight / logcnt; no cap on copies).
+    """
+    num_layers, n = weight.shape
+    rows = np.arange(num_layers)
+    phy2log = np.empty((num_layers, num_slots), dtype=np.int64)
+    phy2log[:, :n] = np.arange(n)
+    copies = np.ones((num_layers, n), dtype=np.int64)
+    for slot in range(n, num_slots):
+        pick = np.argmax(weight / copies, axis=1)
+        phy2log[:, slot] = pick
+        copies[rows, pick] += 1
+    return phy2log, copies
+
+
+def eplb_replicated_packing(weight: np.ndarray, num_slots: int, num_packs: int):
+    """EPLB global policy: replicate, then balanced_packing of the copies (weight / copies).
+    Returns (pack of each slot [L, S], phy2log [L, S], copies [L, n])."""
+    phy2log, copies = eplb_replicate(weight, num_slots)
+    per_copy = np.take_along_axis(weight / copies, phy2log, axis=1)
+    return eplb_balanced_packing(per_copy, num_packs), phy2log, copies
+
+
+def replica_side(plan, seconds: float, bound: np.ndarray) -> dict:
+    g = gaps(plan.max_compute, bound)
+    return {"gap_mean_pct": float(g.mean()), "gap_max_pct": float(g.max()),
+            "ms_per_layer": 1e3 * seconds / len(plan)}
+
+
+def replica_case(sizes: np.ndarray, loads: np.ndarray, R: int, X: int, balance: str,
+                 repeat: int) -> dict:
+    """One size kind and balance over [L, n] loads: planner with and without X replicas vs
+    EPLB replicate + balanced packing."""
+    L, n = loads.shape
+    w = sizes * loads
+    rep, t_rep = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance,
+                                                    num_replicas=X), repeat)
+    plain, t_plain = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance), repeat)
+    (pack, phy2log, copies), t_eplb = timed(lambda: eplb_replicated_packing(w, n + X, R), repeat)
+    per_copy = np.take_along_axis(w / copies, phy2log, axis=1)
+    eplb_max = max_per_rank(per_copy, pack, R)
+    flat = (pack * n + phy2log + (np.arange(L) * R * n)[:, None]).ravel()
+    colocated = (np.bincount(flat, minlength=L * R * n).reshape(L, -1) > 1).any(1)
+    own_counts_bound = np.array([_planner.cardinality_lower_bound(
+        np.repeat(w[i] / c, c), R, (n + X) // R) for i, c in enumerate(rep.copies_per_expert)])
+    worse = rep.max_compute > eplb_max * (1 + 1e-12)
+    eplb_mem = max_per_rank(np.take_along_axis(np.broadcast_to(sizes, w.shape), phy2log, axis=1),
+                            pack, R)
+    bound = rep.lower_bound
+    mem = rep.memory_per_rank
+    return {
+        "layers": L,
+        "planner_replicas": {**replica_side(rep, t_rep, bound),
+                             "gap_to_bound_for_its_counts_mean_pct": float(
+                                 gaps(rep.max_compute, own_counts_bound).mean()),
+                             "gap_to_bound_for_its_counts_max_pct": float(
+                                 gaps(rep.max_compute, own_counts_bound).max()),
+                             "proven_optimal": int(rep.optimal.sum()),
+                             "max_copies": int(rep.copies_per_expert.max()),
+                             "memory_equal_all": bool((mem.max(1) == mem.min(1)).all())},
+        "planner_no_replicas": replica_side(plain, t_plain, bound),
+        "eplb_replicas": {"gap_mean_pct": float(gaps(eplb_max, bound).mean()),
+                          "gap_max_pct": float(gaps(eplb_max, bound).max()),
+                          "ms_per_layer": 1e3 * t_eplb / L,
+                          "layers_with_two_copies_on_one_rank": int(colocated.sum()),
+                          "max_memory_over_planner_mean": float((eplb_mem / mem.max(1)).mean())},
+        "max_compute_replicas_over_no_replicas_mean": float(
+            (rep.max_compute / plain.max_compute).mean()),
+        "max_compute_planner_over_eplb_mean": float((rep.max_compute / eplb_max).mean()),
+        "planner_worse_than_eplb_count": int(worse.sum()),
+        "planner_worse_where_eplb_keeps_copies_apart": int((worse & ~colocated).sum()),
+        "planner_better_than_eplb_count": int((rep.max_compute < eplb_max * (1 - 1e-12)).sum()),
+    }
+
+
+def run_replicas(layers: int, repeat: int, n: int = 256, R: int = 64) -> dict:
+    """The replicas section (module docstring): per Zipf exponent and over all layers."""
+    zipf = (0.0, 0.5, 1.0, 1.5)
+    loads = {}
+    for s in zipf:
+        rows = []
+        for seed in range(layers):
+            rng = np.random.default_rng([n, 4, int(s * 10), seed])
+            rows.append((1.0 + rng.permutation(n)) ** -s * rng.lognormal(0.0, 0.5, n))
+        loads[s] = np.stack(rows)
+    modse = np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
+    cases = (("compute_uniform", np.full(n, 1024.0), 64, "compute"),
+             ("compute_modse", modse, 64, "compute"),
+             ("paired_modse", modse, 128, "memory_then_compute"),
+             ("compute_modse_128", modse, 128, "compute"))  # paired_modse without equal memory
+    out: dict = {"experts": n, "ranks": R, "layers_per_zipf": layers}
+    for name, sizes, X, balance in cases:
+        case: dict = {"num_replicas": X, "slots_per_rank": (n + X) // R, "balance": balance,
+                      "by_zipf": {str(s): replica_case(sizes, loads[s], R, X, balance, repeat)
+                                  for s in zipf}}
+        case["all"] = replica_case(sizes, np.concatenate([loads[s] for s in zipf]), R, X,
+                                   balance, repeat)
+        out[name] = case
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8, help="random layers per protocol cell")
     parser.add_argument("--repeat", type=int, default=3, help="timing: best of this many runs")
+    parser.add_argument("--replicas-only", action="store_true",
+                        help="run only the replicas section")
     args = parser.parse_args()
     start = time.perf_counter()
     result: dict = {"benchmark": "placement planner vs EPLB-style balanced packing",
                     "protocol": {"layers_per_cell": args.layers, "repeat": args.repeat}}
+    if args.replicas_only:
+        result["replicas"] = run_replicas(args.layers, args.repeat)
+        result["wall_s"] = time.perf_counter() - start
+        print(json.dumps(result, indent=2))
+        return
     result.update(run_protocol(args.layers, args.repeat))
     result["layers_61x256x64"] = layers = run_layers(repeat=max(3, args.repeat))
     paired = result["paired"]
@@ -307,6 +432,7 @@ def main() -> None:
                                      for p in ("compute", "paired", "hierarchical")),
         "paired_memory_equal": paired["memory_equal_all"],
     }
+    result["replicas"] = run_replicas(args.layers, args.repeat)
     result["wall_s"] = time.perf_counter() - start
     print(json.dumps(result, indent=2))
 

@@ -18,7 +18,7 @@ namespace {
 py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray> previous,
                     int num_ranks, int ranks_per_node, int balance, double bytes_per_param,
                     double move_slack, int exact_max_experts, int64_t exact_node_budget,
-                    int num_threads) {
+                    int num_threads, int num_replicas) {
   if (loads.ndim() != 2) throw std::invalid_argument("loads must be a 2-D array [layers, experts]");
   const int L = static_cast<int>(loads.shape(0));
   const int n = static_cast<int>(loads.shape(1));
@@ -35,6 +35,7 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
   o.move_slack = move_slack;
   o.exact_max_experts = exact_max_experts;
   o.exact_node_budget = exact_node_budget;
+  o.num_replicas = num_replicas;
   mp::validate_options(n, o);
 
   std::vector<mp::LayerPlan> plans;
@@ -45,18 +46,25 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
   }
   const int R = num_ranks;
   const int N = ranks_per_node > 0 ? R / ranks_per_node : 1;
-  IntArray rank_of_expert({L, n});
+  const int S = n + num_replicas;
+  IntArray rank_of_expert({L, n}), copies({L, n}), slot_expert({L, S});
   py::array_t<double> compute({L, R}), memory({L, R}), inflow({L, N});
   py::array_t<double> max_compute(L), lower_bound(L), moved(L), inflow_bound(L);
   py::array_t<bool> optimal(L), paired(L);
   py::array_t<int32_t> method(L);
   auto roe = rank_of_expert.mutable_unchecked<2>();
+  auto cpe = copies.mutable_unchecked<2>();
+  auto sle = slot_expert.mutable_unchecked<2>();
   auto cpr = compute.mutable_unchecked<2>();
   auto mpr = memory.mutable_unchecked<2>();
   auto nin = inflow.mutable_unchecked<2>();
   for (int l = 0; l < L; ++l) {
     const mp::LayerPlan& p = plans[l];
-    for (int e = 0; e < n; ++e) roe(l, e) = p.rank_of_expert[e];
+    for (int e = 0; e < n; ++e) {
+      roe(l, e) = p.rank_of_expert[e];
+      cpe(l, e) = p.copies[e];
+    }
+    for (int i = 0; i < S; ++i) sle(l, i) = p.slot_expert[i];
     for (int r = 0; r < R; ++r) {
       cpr(l, r) = p.compute_per_rank[r];
       mpr(l, r) = p.memory_per_rank[r];
@@ -72,6 +80,8 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
   }
   py::dict out;
   out["rank_of_expert"] = rank_of_expert;
+  out["copies_per_expert"] = copies;
+  out["slot_expert"] = slot_expert;
   out["compute_per_rank"] = compute;
   out["memory_per_rank"] = memory;
   out["node_inflow"] = inflow;
@@ -97,7 +107,7 @@ PYBIND11_MODULE(_planner, m) {
   m.def("plan_batch", &plan_batch, py::arg("sizes"), py::arg("loads"), py::arg("previous"),
         py::arg("num_ranks"), py::arg("ranks_per_node"), py::arg("balance"),
         py::arg("bytes_per_param"), py::arg("move_slack"), py::arg("exact_max_experts"),
-        py::arg("exact_node_budget"), py::arg("num_threads"),
+        py::arg("exact_node_budget"), py::arg("num_threads"), py::arg("num_replicas") = 0,
         "Plan many layers; returns a dict of numpy arrays (see plan.py).");
   m.def(
       "cardinality_lower_bound",

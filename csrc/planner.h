@@ -7,7 +7,8 @@
 //   3. nodes:    balance token inflow per node without raising max compute (hierarchy.h);
 //   4. moves:    among plans equally good on 1-3, move the fewest bytes from `previous`
 //                (warm start from it + relabelling, relabel.h).
-// Redundant expert replicas are not planned (each expert lives on exactly one rank).
+// With num_replicas > 0 the items placed are copies of experts (replicas.h): counts first, then
+// the same stages on the copies, which must sit on distinct ranks; `previous` is not supported.
 #pragma once
 
 #include <atomic>
@@ -21,6 +22,7 @@
 #include "planner_hierarchy.h"
 #include "planner_pairs.h"
 #include "planner_relabel.h"
+#include "planner_replicas.h"
 #include "planner_resplit.h"
 
 namespace modse_planner {
@@ -33,34 +35,40 @@ struct Candidate {
   Method method = Method::kHeuristic;
 };
 
+// The pair structure of expert sizes s when paired mode applies with k slots per rank (else
+// found = false).  shared: the structure of these sizes when the caller already knows it
+// (batched layers sharing one size row detect it once).
+inline PairStructure pairs_if_paired(const Options& o, int k, const std::vector<double>& s,
+                                     const PairStructure* shared) {
+  const bool all_equal = *std::max_element(s.begin(), s.end()) ==
+                         *std::min_element(s.begin(), s.end());
+  // Equal sizes need no pairing: memory is equal whatever the plan, so don't constrain it.
+  if (o.balance != Balance::kMemoryThenCompute || k % 2 != 0 || all_equal) return PairStructure();
+  return shared ? *shared : detect_pairs(s);
+}
+
+// One layer's placement problem: n items, k per rank.  Items are the experts, or with replicas
+// the copies (expert_of: the expert of each copy; ps then is the copies' pair structure).
 struct Layer {
   const Options& o;
   int n, R, k, g, N;
   std::vector<double> s, t, w;
-  std::vector<int> desc;  // experts by compute, heaviest first: sorted once, shared
+  std::vector<int> desc;  // items by compute, heaviest first: sorted once, shared
   const int* previous;
   PairStructure ps;
   bool paired = false;
   const std::vector<int>* cls = nullptr;
+  const std::vector<int>* expert_of;
   int max_iters;
 
-  // shared: the pair structure of these sizes when the caller already knows it (batched
-  // layers sharing one size row detect it once).
-  Layer(const double* sizes, const double* loads, const int* prev, int n_, const Options& opt,
-        const PairStructure* shared)
-      : o(opt), n(n_), R(opt.num_ranks), k(n_ / opt.num_ranks),
+  Layer(const Options& opt, std::vector<double> sizes, std::vector<double> loads,
+        std::vector<double> weights, const int* prev, PairStructure pairs,
+        const std::vector<int>* copies_of = nullptr)
+      : o(opt), n(static_cast<int>(sizes.size())), R(opt.num_ranks), k(n / opt.num_ranks),
         g(opt.ranks_per_node > 0 ? opt.ranks_per_node : opt.num_ranks), N(R / g),
-        s(sizes, sizes + n_), t(loads, loads + n_), w(n_), previous(prev),
-        max_iters(2 * n_ + 64) {
-    for (int e = 0; e < n; ++e) w[e] = t[e] * s[e];
+        s(std::move(sizes)), t(std::move(loads)), w(std::move(weights)), previous(prev),
+        ps(std::move(pairs)), paired(ps.found), expert_of(copies_of), max_iters(2 * n + 64) {
     desc = order_desc(w);
-    const bool all_equal = *std::max_element(s.begin(), s.end()) ==
-                           *std::min_element(s.begin(), s.end());
-    // Equal sizes need no pairing: memory is equal whatever the plan, so don't constrain it.
-    if (opt.balance == Balance::kMemoryThenCompute && k % 2 == 0 && !all_equal) {
-      ps = shared ? *shared : detect_pairs(s);
-      paired = ps.found;
-    }
     if (paired) cls = &ps.cls;
   }
 
@@ -70,26 +78,31 @@ struct Layer {
     return lb;
   }
 
-  // The best plan we can find from scratch; `proven` = its value is the optimum.
+  // The best plan we can find from scratch; `proven` = its value is the optimum (with
+  // replicas: for these copies; largest-with-smallest is not exact once copies must part).
   Candidate fresh(double lb, bool& proven) const {
     Candidate c;
     proven = true;
     if (k == 1) {
       c.bin_of = one_per_bin(n);
       c.method = Method::kOneExpertPerRank;
-    } else if (k == 2) {
+    } else if (k == 2 && !expert_of) {
       c.bin_of = paired ? paired_exact_k2(w, ps, &desc) : exact_k2(w, &desc);
       c.method = Method::kExactPairing;
     } else {
       double v = 0.0;
       const double target = lb * (1.0 + o.good_enough);
-      c.bin_of = paired ? paired_heuristic(w, ps, s, R, k, target, max_iters, &v, &desc)
-                        : heuristic_partition(w, R, k, target, max_iters, &v, &desc);
+      if (expert_of)
+        c.bin_of = place_copies(w, s, paired ? &ps : nullptr, *expert_of, R, k, target, max_iters,
+                                &v, desc);
+      else
+        c.bin_of = paired ? paired_heuristic(w, ps, s, R, k, target, max_iters, &v, &desc)
+                          : heuristic_partition(w, R, k, target, max_iters, &v, &desc);
       if (paired) {
-        paired_resplit(w, s, ps, R, k, target, max_iters, c.bin_of, v);
+        paired_resplit(w, s, ps, R, k, target, max_iters, c.bin_of, v, expert_of);
         std::vector<int> alt;
         double alt_value = 0.0;
-        if (v > target + eps_of(target) &&
+        if (!expert_of && v > target + eps_of(target) &&
             paired_outlier_plan(w, s, ps, R, k, target, max_iters, alt, alt_value) &&
             alt_value < v) {
           c.bin_of = std::move(alt);
@@ -100,7 +113,7 @@ struct Layer {
       proven = v <= lb + eps_of(lb);
       if (!proven && n <= o.exact_max_experts) {
         BranchAndBound bnb(w, paired ? &s : nullptr, paired ? ps.pair_sum : 0.0, R, k,
-                           o.exact_node_budget);
+                           o.exact_node_budget, expert_of);
         proven = bnb.run(c.bin_of, v, lb);
         if (proven) c.method = Method::kBranchAndBound;
       }
@@ -137,25 +150,77 @@ struct Layer {
                                           max_iters);
       p.node_inflow_bound = cardinality_lower_bound(t, N, k * g);
       refine_node_inflow(t, w, cls, c.bin_of, node_of_bin, R, N, c.value,
-                         p.node_inflow_bound * (1.0 + kNodeGoodEnough), max_iters);
+                         p.node_inflow_bound * (1.0 + kNodeGoodEnough), max_iters, expert_of);
     } else {
       for (double x : t) p.node_inflow_bound += x;
     }
     const std::vector<int> rank_of_bin = relabel_bins(c.bin_of, node_of_bin, s, previous, R, g);
-    p.rank_of_expert.resize(n);
-    for (int e = 0; e < n; ++e) p.rank_of_expert[e] = rank_of_bin[c.bin_of[e]];
-    p.compute_per_rank = bin_sums(w, p.rank_of_expert, R);
-    p.memory_per_rank = bin_sums(s, p.rank_of_expert, R);
+    std::vector<int> rank_of_item(n);
+    for (int i = 0; i < n; ++i) rank_of_item[i] = rank_of_bin[c.bin_of[i]];
+    p.compute_per_rank = bin_sums(w, rank_of_item, R);
+    p.memory_per_rank = bin_sums(s, rank_of_item, R);
     p.node_inflow.assign(N, 0.0);
-    for (int e = 0; e < n; ++e) p.node_inflow[p.rank_of_expert[e] / g] += t[e];
+    for (int i = 0; i < n; ++i) p.node_inflow[rank_of_item[i] / g] += t[i];
     p.max_compute = max_of(p.compute_per_rank);
-    for (int e = 0; e < n && previous; ++e)
-      if (p.rank_of_expert[e] != previous[e]) p.moved_bytes += s[e] * o.bytes_per_param;
+    for (int i = 0; i < n && previous; ++i)
+      if (rank_of_item[i] != previous[i]) p.moved_bytes += s[i] * o.bytes_per_param;
+    p.slot_expert = slot_experts(rank_of_item, expert_of, R);
+    const int experts = expert_of ? expert_of->back() + 1 : n;
+    p.rank_of_expert.assign(experts, -1);  // the rank of each expert's first slot
+    p.copies.assign(experts, 0);
+    for (int slot = 0; slot < n; ++slot) {
+      const int e = p.slot_expert[slot];
+      if (p.copies[e]++ == 0) p.rank_of_expert[e] = slot / k;
+    }
     p.paired = paired;
     p.method = c.method;
     return p;
   }
 };
+
+// Replicas: copy counts, then the copies planned like experts (previous is refused up front).
+// The bound is replica_lower_bound, valid for every choice of counts; exactness for the chosen
+// counts (branch and bound) does not raise it.
+inline LayerPlan solve_copies(const std::vector<double>& s, const std::vector<double>& t,
+                              const std::vector<double>& w, const Options& o,
+                              const std::string& where, const PairStructure* shared) {
+  const int n = static_cast<int>(s.size()), R = o.num_ranks, extra = o.num_replicas;
+  const int k = (n + extra) / R;
+  const PairStructure expert_pairs = pairs_if_paired(o, k, s, shared);
+  const std::vector<int> count = expert_pairs.found
+                                     ? paired_replica_counts(w, expert_pairs, R, extra)
+                                     : replica_counts(w, R, extra);
+  Copies copies = expand_copies(count, s, t, w);
+  // Every added pair of copies has complementary sizes, so the copies form pairs again.
+  PairStructure copy_pairs = expert_pairs.found ? detect_pairs(copies.s) : PairStructure();
+  if (static_cast<int>(copies.w.size()) != n + extra || expert_pairs.found != copy_pairs.found)
+    fail(where + "cannot add num_replicas=" + std::to_string(extra) +
+         " copies in complementary pairs: use balance='compute'");
+  const double lb = replica_lower_bound(w, R, k, extra);
+  Layer layer(o, std::move(copies.s), std::move(copies.t), std::move(copies.w), nullptr,
+              std::move(copy_pairs), &copies.expert_of);
+  bool proven = false;
+  LayerPlan p;
+  try {
+    p = layer.finish(layer.fresh(lb, proven));
+  } catch (const std::invalid_argument& e) {
+    fail(where + e.what());
+  }
+  p.lower_bound = lb;
+  p.optimal = p.max_compute <= lb + eps_of(lb) + 1e-300;
+  return p;
+}
+
+// Paired mode adds copies two at a time, so an odd num_replicas would break equal memory
+// (asked with k = 2: would these sizes and options pair off at all?).
+inline void validate_replica_pairs(const double* sizes, int n, const Options& o,
+                                   const std::string& where) {
+  if (o.num_replicas % 2 == 0) return;
+  if (!pairs_if_paired(o, 2, std::vector<double>(sizes, sizes + n), nullptr).found) return;
+  fail(where + "num_replicas=" + std::to_string(o.num_replicas) +
+       " is odd but the sizes form complementary pairs: balance='memory_then_compute' adds "
+       "copies in complementary pairs, so use an even num_replicas or balance='compute'");
+}
 
 }  // namespace detail
 
@@ -164,7 +229,13 @@ inline LayerPlan solve_layer(const double* sizes, const double* loads, const int
                              const PairStructure* shared_pairs = nullptr) {
   validate_options(n, o);
   validate_layer(sizes, loads, previous, n, o, where);
-  detail::Layer layer(sizes, loads, previous, n, o, shared_pairs);
+  detail::validate_replica_pairs(sizes, n, o, where);
+  std::vector<double> s(sizes, sizes + n), t(loads, loads + n), w(n);
+  for (int e = 0; e < n; ++e) w[e] = t[e] * s[e];
+  if (o.num_replicas > 0) return detail::solve_copies(s, t, w, o, where, shared_pairs);
+  const int k = n / o.num_ranks;
+  PairStructure pairs = detail::pairs_if_paired(o, k, s, shared_pairs);
+  detail::Layer layer(o, std::move(s), std::move(t), std::move(w), previous, std::move(pairs));
   double lb = layer.lower_bound();
   bool proven = false;
   std::vector<detail::Candidate> candidates{layer.fresh(lb, proven)};
@@ -201,8 +272,11 @@ inline std::vector<LayerPlan> solve_batch(const double* sizes, int size_rows, co
   auto where = [&](int l) { return L > 1 ? "layer " + std::to_string(l) + ": " : std::string(); };
   auto row = [&](int l) { return sizes + static_cast<size_t>(size_rows == 1 ? 0 : l) * n; };
   auto prev = [&](int l) { return previous ? previous + static_cast<size_t>(l) * n : nullptr; };
-  for (int l = 0; l < L; ++l)
+  for (int l = 0; l < L; ++l) {
     validate_layer(row(l), loads + static_cast<size_t>(l) * n, prev(l), n, o, where(l));
+    if (size_rows > 1 || l == 0)  // a shared size row is one check, for all layers
+      detail::validate_replica_pairs(row(l), n, o, size_rows > 1 ? where(l) : std::string());
+  }
 
   const bool shared = size_rows == 1 && L > 1;
   const PairStructure pairs = shared ? detect_pairs(std::vector<double>(sizes, sizes + n))

@@ -12,7 +12,8 @@
 //   bin        : an unlabelled group of exactly k experts; a plan is a partition into R bins.
 //                Which physical rank a bin lands on is decided last (relabel.h), because
 //                permuting bins changes no quality measure, only the bytes moved.
-//   item       : what an algorithm packs — an expert, or a complementary pair of experts.
+//   item       : what an algorithm packs — an expert, a copy of an expert (with replicas,
+//                replicas.h), or a complementary pair of them.
 #pragma once
 
 #include <algorithm>
@@ -55,10 +56,14 @@ struct Options {
   // Local search stops within this relative distance of the lower bound: the last 0.01% costs
   // most of the iterations on near-uniform layers and is far below measurement noise.
   double good_enough = 1e-4;
+  // Extra physical expert slots for copies of busy experts (planner_replicas.h); 0 = none.
+  int num_replicas = 0;
 };
 
 struct LayerPlan {
-  std::vector<int> rank_of_expert;
+  std::vector<int> rank_of_expert;  // with replicas: the rank of each expert's first copy
+  std::vector<int> slot_expert;     // expert of each physical slot, rank-major (k per rank)
+  std::vector<int> copies;          // copies of each expert (all 1 without replicas)
   std::vector<double> compute_per_rank, memory_per_rank, node_inflow;
   double max_compute = 0.0;
   double lower_bound = 0.0;  // proven: no valid plan of the same problem has a smaller max
@@ -83,9 +88,21 @@ inline void validate_options(int n, const Options& o) {
   if (o.num_ranks <= 0)
     fail("num_ranks=" + std::to_string(o.num_ranks) + " must be a positive integer");
   if (n <= 0) fail("no experts given: pass at least one size per layer");
-  if (n % o.num_ranks != 0)
-    fail("num_experts=" + std::to_string(n) + " is not divisible by num_ranks=" +
-         std::to_string(o.num_ranks) + ": choose num_ranks that divides the expert count");
+  if (o.num_replicas < 0)
+    fail("num_replicas=" + std::to_string(o.num_replicas) + " must be an integer >= 0");
+  const int64_t most = static_cast<int64_t>(n) * (o.num_ranks - 1);
+  if (o.num_replicas > most)
+    fail("num_replicas=" + std::to_string(o.num_replicas) + " exceeds num_experts*(num_ranks-1)=" +
+         std::to_string(most) + ": an expert has at most one copy per rank");
+  const int64_t slots = static_cast<int64_t>(n) + o.num_replicas;
+  if (slots % o.num_ranks != 0)
+    fail(o.num_replicas == 0
+             ? "num_experts=" + std::to_string(n) + " is not divisible by num_ranks=" +
+                   std::to_string(o.num_ranks) + ": choose num_ranks that divides the expert count"
+             : "num_experts=" + std::to_string(n) + " + num_replicas=" +
+                   std::to_string(o.num_replicas) + " = " + std::to_string(slots) +
+                   " slots is not divisible by num_ranks=" + std::to_string(o.num_ranks) +
+                   ": choose num_replicas so that experts + replicas is a multiple of num_ranks");
   if (o.ranks_per_node < 0 || (o.ranks_per_node > 0 && o.num_ranks % o.ranks_per_node != 0))
     fail("ranks_per_node=" + std::to_string(o.ranks_per_node) + " does not divide num_ranks=" +
          std::to_string(o.num_ranks) + ": use a divisor of num_ranks (GPUs per node)");
@@ -97,6 +114,8 @@ inline void validate_options(int n, const Options& o) {
 
 inline void validate_layer(const double* sizes, const double* loads, const int* previous, int n,
                            const Options& o, const std::string& where) {
+  if (previous && o.num_replicas > 0)
+    fail("previous cannot be combined with num_replicas > 0 yet: plan replicas without previous");
   for (int e = 0; e < n; ++e) {
     if (!std::isfinite(sizes[e]) || sizes[e] <= 0.0)
       fail(where + "sizes[" + std::to_string(e) + "]=" + num_str(sizes[e]) +

@@ -40,14 +40,17 @@ inline std::vector<int> exact_k2(const std::vector<double>& w,
 // empty bins, whose contents are trivially the same).  Stops at the lower bound.
 // Paired mode (pair_sum > 0): a bin must end as a union of complementary pairs — sorted sizes
 // satisfy s[i] + s[k-1-i] == pair_sum — which is the constraint that makes memory equal.
+// Replicas (expert_of): no bin takes two copies of one expert, and only empty bins count as
+// interchangeable (equal loads no longer mean equal futures).
 struct BranchAndBound {
   const std::vector<double>& w;
   const std::vector<double>* sizes;
   double pair_sum;
+  const std::vector<int>* expert_of;
   int n, R, k;
   int64_t budget;
 
-  std::vector<int> order, bin_of_sorted, best_bin_of_sorted;
+  std::vector<int> order, bin_of_sorted, best_bin_of_sorted, expert_sorted;
   std::vector<double> ws, ss, load, mem, tail;
   std::vector<int> count, members;  // members[r*k + slot] = sorted index
   double best = 0.0, lower = 0.0, size_tol = 0.0, size_min = 0.0, size_max = 0.0;
@@ -55,18 +58,20 @@ struct BranchAndBound {
   bool aborted = false, improved = false;
 
   BranchAndBound(const std::vector<double>& w_, const std::vector<double>* sizes_, double pair_sum_,
-                 int R_, int k_, int64_t budget_)
-      : w(w_), sizes(sizes_), pair_sum(pair_sum_), n(static_cast<int>(w_.size())), R(R_), k(k_),
-        budget(budget_) {}
+                 int R_, int k_, int64_t budget_, const std::vector<int>* expert_of_ = nullptr)
+      : w(w_), sizes(sizes_), pair_sum(pair_sum_), expert_of(expert_of_),
+        n(static_cast<int>(w_.size())), R(R_), k(k_), budget(budget_) {}
 
   // Returns true iff the search completed, i.e. the result is proven optimal.
   bool run(std::vector<int>& bin_of, double incumbent, double lower_bound) {
     order = order_desc(w);
     ws.resize(n);
     ss.assign(n, 0.0);
+    expert_sorted.assign(n, -1);
     for (int i = 0; i < n; ++i) {
       ws[i] = w[order[i]];
       if (sizes) ss[i] = (*sizes)[order[i]];
+      if (expert_of) expert_sorted[i] = (*expert_of)[order[i]];
     }
     tail.assign(k + 1, 0.0);  // tail[m] = sum of the m lightest items
     for (int m = 1; m <= k; ++m) tail[m] = tail[m - 1] + ws[n - m];
@@ -98,6 +103,12 @@ struct BranchAndBound {
     return true;
   }
 
+  bool bin_has_expert(int r, int i) const {
+    for (int j = 0; j < count[r]; ++j)
+      if (expert_sorted[members[static_cast<size_t>(r) * k + j]] == expert_sorted[i]) return true;
+    return false;
+  }
+
   void dfs(int i) {
     if (aborted) return;
     if (i == n) {
@@ -124,9 +135,12 @@ struct BranchAndBound {
         if (m + left * size_min > target_mem + size_tol) continue;
         if (m + left * size_max < target_mem - size_tol) continue;
       }
+      if (expert_of && bin_has_expert(r, i)) continue;
+      const bool only_empty_alike = sizes || expert_of;
       bool duplicate = false;
       for (int q = 0; q < r && !duplicate; ++q)
-        duplicate = count[q] == count[r] && load[q] == load[r] && (!sizes || count[q] == 0);
+        duplicate = count[q] == count[r] && load[q] == load[r] &&
+                    (!only_empty_alike || count[q] == 0);
       if (duplicate) continue;
       const double saved_load = load[r], saved_mem = mem[r];  // restore exactly, no drift
       members[static_cast<size_t>(r) * k + count[r]] = i;

@@ -43,18 +43,30 @@ inline std::vector<int> group_bins_into_nodes(const std::vector<double>& bin_inf
 // result max(I_A - dt, I_B + dt) is V-shaped in t[b]), so B's experts are sorted by load and
 // walked outward from that point until one satisfies the cap (and, paired, the size class).
 // The 2 least busy nodes are tried first and the rest only when they offer nothing (as in
-// descend_heaviest), so a stop is still a local optimum.
+// descend_heaviest), so a stop is still a local optimum.  With replicas (expert_of: the expert of
+// each item) a swap never puts two copies of one expert on one bin.
 inline void refine_node_inflow(const std::vector<double>& t, const std::vector<double>& w,
                                const std::vector<int>* cls, std::vector<int>& bin_of,
                                const std::vector<int>& node_of_bin, int R, int N, double cap,
-                               double target, int max_iters) {
+                               double target, int max_iters,
+                               const std::vector<int>* expert_of = nullptr) {
   if (N <= 1) return;
   const int n = static_cast<int>(t.size());
   std::vector<double> inflow(N, 0.0), load(R, 0.0);
+  std::vector<std::vector<int>> bins_of_expert(expert_of ? expert_of->back() + 1 : 0);
   for (int e = 0; e < n; ++e) {
     inflow[node_of_bin[bin_of[e]]] += t[e];
     load[bin_of[e]] += w[e];
+    if (expert_of) bins_of_expert[(*expert_of)[e]].push_back(bin_of[e]);
   }
+  auto held = [&](int item, int bin) {  // does `bin` hold a copy of item's expert?
+    const auto& bins = bins_of_expert[(*expert_of)[item]];
+    return std::find(bins.begin(), bins.end(), bin) != bins.end();
+  };
+  auto move_copy = [&](int item, int from, int to) {
+    auto& bins = bins_of_expert[(*expert_of)[item]];
+    *std::find(bins.begin(), bins.end(), from) = to;
+  };
   const double cap_tol = cap + eps_of(cap);
   std::vector<std::vector<int>> members(N);
   std::vector<int> nodes(N);
@@ -93,6 +105,7 @@ inline void refine_node_inflow(const std::vector<double>& t, const std::vector<d
             if (value >= best) break;  // farther candidates are no better
             if (dt <= eps) continue;
             if (cls && (*cls)[a] != (*cls)[b]) continue;
+            if (expert_of && (held(a, bin_of[b]) || held(b, bin_of[a]))) continue;
             const double dw = w[a] - w[b];
             if (load[bin_of[a]] - dw > cap_tol || load[bin_of[b]] + dw > cap_tol) continue;
             best = value;
@@ -110,6 +123,10 @@ inline void refine_node_inflow(const std::vector<double>& t, const std::vector<d
     inflow[node_of_bin[rb]] += dt;
     load[ra] -= dw;
     load[rb] += dw;
+    if (expert_of) {
+      move_copy(best_a, ra, rb);
+      move_copy(best_b, rb, ra);
+    }
     std::swap(bin_of[best_a], bin_of[best_b]);
   }
 }

@@ -13,6 +13,8 @@
 //  * balance_sweep: when that is stuck, even out pairs of bins (all pairs for R <= 32, else
 //    the i-th heaviest with the i-th lightest) to reshuffle, then descend again (a few rounds).
 // No move ever raises the largest load, so the result is never worse than the start.
+// With replicas (planner_replicas.h) every move also keeps the copies of one expert on distinct
+// bins (distinct_after_swap / distinct_after_double; no-ops when expert_of is null).
 #pragma once
 
 #include <utility>
@@ -54,6 +56,33 @@ struct Bins {
     std::swap(slot_of[a], slot_of[b]);
   }
 };
+
+// Replicas: does bin r hold a copy of `expert` other than the items skip1, skip2?
+inline bool holds(const Bins& bins, int r, int expert, const std::vector<int>& expert_of,
+                  int skip1 = -1, int skip2 = -1) {
+  const int* row = &bins.items[static_cast<size_t>(r) * bins.k];
+  for (int i = 0; i < bins.k; ++i)
+    if (row[i] != skip1 && row[i] != skip2 && expert_of[row[i]] == expert) return true;
+  return false;
+}
+
+// Exchanging items x and y (in different bins) leaves no bin with two copies of one expert.
+inline bool distinct_after_swap(const Bins& bins, const std::vector<int>* expert_of, int x, int y) {
+  if (!expert_of) return true;
+  const std::vector<int>& ex = *expert_of;
+  if (ex[x] == ex[y]) return true;  // two copies of one expert trade places: nothing changes
+  return !holds(bins, bins.bin_of[x], ex[y], ex) && !holds(bins, bins.bin_of[y], ex[x], ex);
+}
+
+// The same for exchanging x1, x2 (one bin) with y1, y2 (another bin).
+inline bool distinct_after_double(const Bins& bins, const std::vector<int>* expert_of, int x1,
+                                  int x2, int y1, int y2) {
+  if (!expert_of) return true;
+  const std::vector<int>& ex = *expert_of;
+  const int a = bins.bin_of[x1], b = bins.bin_of[y1];
+  return !holds(bins, a, ex[y1], ex, x1, x2) && !holds(bins, a, ex[y2], ex, x1, x2) &&
+         !holds(bins, b, ex[x1], ex, y1, y2) && !holds(bins, b, ex[x2], ex, y1, y2);
+}
 
 // The best exchange seen so far that moves d from a heavier bin (load hi) to a lighter one
 // (load lo): it helps iff 0 < d < hi - lo, and is better the smaller max(hi - d, lo + d) is.
@@ -195,13 +224,17 @@ void scan_exchanges(const std::vector<double>& w, const Bins& bins, int h, int r
     }
 }
 
-// Unconstrained exchanges: singles always, doubles when k <= 4.
-inline double swap_descent(const std::vector<double>& w, Bins& bins, double target,
-                           int max_iters) {
+// Exchanges under the cardinality rule only (and, with expert_of, copies on distinct bins):
+// singles always, doubles when k <= 4.
+inline double swap_descent(const std::vector<double>& w, Bins& bins, double target, int max_iters,
+                           const std::vector<int>* expert_of = nullptr) {
   const bool doubles = bins.k <= 4;
-  auto any = [](auto...) { return true; };
+  auto single_ok = [&](int x, int y) { return distinct_after_swap(bins, expert_of, x, y); };
+  auto double_ok = [&](int x1, int x2, int y1, int y2) {
+    return distinct_after_double(bins, expert_of, x1, x2, y1, y2);
+  };
   auto scan = [&](int h, int r, BestMove& mv, int level) {
-    if (level == 0 || doubles) scan_exchanges(w, bins, h, r, mv, level, any, any);
+    if (level == 0 || doubles) scan_exchanges(w, bins, h, r, mv, level, single_ok, double_ok);
   };
   return descend(w, bins, target, max_iters, scan, [](int, int) {});
 }

@@ -131,8 +131,10 @@ inline std::vector<int> expand_units(const Units& u, const std::vector<int>& uni
 //    cheaper than all two-for-two exchanges; removing one from a union of
 //    complementary pairs leaves one: if x was matched to another copy y' of C-x, the removed
 //    C-x was matched to a copy x' of x, and x' can take y').
+// With replicas (expert_of), moves also keep an expert's copies on distinct bins.
 inline double paired_descent(const std::vector<double>& w, const std::vector<double>& s,
-                             const PairStructure& ps, Bins& bins, double target, int max_iters) {
+                             const PairStructure& ps, Bins& bins, double target, int max_iters,
+                             const std::vector<int>* expert_of = nullptr) {
   const int R = bins.R, k = bins.k;
   const double tol = 1e-9 * ps.pair_sum;
   struct Pair {
@@ -160,11 +162,14 @@ inline double paired_descent(const std::vector<double>& w, const std::vector<dou
       if (std::fabs(buf[i] + buf[k - 1 - i] - ps.pair_sum) > tol) return false;
     return true;
   };
-  auto same_class = [&](int x, int y) { return ps.cls[x] == ps.cls[y]; };
+  auto same_class = [&](int x, int y) {
+    return ps.cls[x] == ps.cls[y] && distinct_after_swap(bins, expert_of, x, y);
+  };
   auto both_still_pairs = [&](int x1, int x2, int y1, int y2) {
     return std::fabs(s[x1] + s[x2] - s[y1] - s[y2]) <= tol &&
            still_pairs(bins.bin_of[x1], x1, x2, y1, y2) &&
-           still_pairs(bins.bin_of[y1], y1, y2, x1, x2);
+           still_pairs(bins.bin_of[y1], y1, y2, x1, x2) &&
+           distinct_after_double(bins, expert_of, x1, x2, y1, y2);
   };
   auto scan = [&](int h, int r, BestMove& mv, int level) {
     if (level == 0 || k <= 4) {
@@ -173,7 +178,8 @@ inline double paired_descent(const std::vector<double>& w, const std::vector<dou
     }
     for (const Pair& p : pairs[h])
       for (const Pair& q : pairs[r])
-        if (mv.worth(p.w - q.w)) mv.take(p.w - q.w, p.a, q.a, p.b, q.b);
+        if (mv.worth(p.w - q.w) && distinct_after_double(bins, expert_of, p.a, p.b, q.a, q.b))
+          mv.take(p.w - q.w, p.a, q.a, p.b, q.b);
   };
   auto after_move = [&](int h, int r) {
     if (k > 4) {
@@ -184,12 +190,10 @@ inline double paired_descent(const std::vector<double>& w, const std::vector<dou
   return descend(w, bins, target, max_iters, scan, after_move);
 }
 
-// Paired-mode heuristic for k >= 4: pack units (k/2 per bin) from both pairings, then let equal
-// size experts and complementary pairs swap between bins (paired_descent).
-inline std::vector<int> paired_heuristic(const std::vector<double>& w, const PairStructure& ps,
-                                         const std::vector<double>& s, int R, int k, double target,
-                                         int max_iters, double* value,
-                                         const std::vector<int>* desc = nullptr) {
+// Paired-mode starts: units (k/2 per bin) from both pairings, packed.
+inline std::vector<Bins> paired_starts(const std::vector<double>& w, const PairStructure& ps, int R,
+                                       int k, double target,
+                                       const std::vector<int>* desc = nullptr) {
   const int n = static_cast<int>(w.size());
   std::vector<Bins> starts;
   for (int pairing = 0; pairing < 2; ++pairing) {
@@ -206,6 +210,16 @@ inline std::vector<int> paired_heuristic(const std::vector<double>& w, const Pai
       starts.emplace_back(w, expand_units(u, balanced_differencing(u.w, R, m, &order), n), R, k);
     }
   }
+  return starts;
+}
+
+// Paired-mode heuristic for k >= 4: the paired starts, then equal size experts and
+// complementary pairs swap between bins (paired_descent).
+inline std::vector<int> paired_heuristic(const std::vector<double>& w, const PairStructure& ps,
+                                         const std::vector<double>& s, int R, int k, double target,
+                                         int max_iters, double* value,
+                                         const std::vector<int>* desc = nullptr) {
+  std::vector<Bins> starts = paired_starts(w, ps, R, k, target, desc);
   return best_of_starts(
       starts, target,
       [&](Bins& bins) { return paired_descent(w, s, ps, bins, target, max_iters); }, value);

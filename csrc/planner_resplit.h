@@ -26,12 +26,14 @@ namespace modse_planner {
 // Optimal split of atoms (weights aw, size classes ac) into 3 bins of `per_bin` atoms each,
 // minimising the heaviest, every full bin a union of complementary pairs (comp: the
 // complementary class of each class).  Returns true and fills bin_of_atom if a split with
-// max < bound was found (the best one found within `budget` nodes).
+// max < bound was found (the best one found within `budget` nodes).  With `ae` (replicas: the
+// expert of each atom) no bin takes two copies of one expert.
 class ThreeWaySplit {
  public:
   ThreeWaySplit(const std::vector<double>& aw, const std::vector<int>& ac,
-                const std::vector<int>& comp, int per_bin, int64_t budget)
-      : aw_(aw), ac_(ac), comp_(comp), per_bin_(per_bin), budget_(budget),
+                const std::vector<int>& comp, int per_bin, int64_t budget,
+                const std::vector<int>* ae = nullptr)
+      : aw_(aw), ac_(ac), comp_(comp), ae_(ae), per_bin_(per_bin), budget_(budget),
         order_(order_desc(aw)), slot_(aw.size(), -1) {
     counts_.assign(3, std::vector<int>(comp_.size(), 0));
     suffix_.assign(aw.size() + 1, 0.0);
@@ -67,6 +69,13 @@ class ThreeWaySplit {
     return need <= free;
   }
 
+  bool has_expert(int b, int atom) const {
+    if (!ae_) return false;
+    for (size_t a = 0; a < slot_.size(); ++a)
+      if (slot_[a] == b && (*ae_)[a] == (*ae_)[atom]) return true;
+    return false;
+  }
+
   void dfs(int depth) {
     if (++nodes_ > budget_) return;
     const int total = static_cast<int>(order_.size());
@@ -92,7 +101,7 @@ class ThreeWaySplit {
         if (tried_empty) continue;
         tried_empty = true;
       }
-      if (load_[b] + aw_[atom] >= best_) continue;
+      if (load_[b] + aw_[atom] >= best_ || has_expert(b, atom)) continue;
       load_[b] += aw_[atom];
       ++count_[b];
       ++counts_[b][ac_[atom]];
@@ -100,6 +109,7 @@ class ThreeWaySplit {
         slot_[atom] = b;
         dfs(depth + 1);
       }
+      slot_[atom] = -1;
       --counts_[b][ac_[atom]];
       --count_[b];
       load_[b] -= aw_[atom];
@@ -110,6 +120,7 @@ class ThreeWaySplit {
   const std::vector<double>& aw_;
   const std::vector<int>& ac_;
   const std::vector<int>& comp_;
+  const std::vector<int>* ae_;
   int per_bin_;
   int64_t budget_, nodes_ = 0;
   std::vector<int> order_, slot_, best_bins_;
@@ -128,7 +139,8 @@ class ThreeWaySplit {
 // gained in measurements; the outlier start below covers the cases that matter there.)
 template <class Descend>
 double resplit_descent(const std::vector<double>& w, const PairStructure& ps, Bins& bins,
-                       double target, int max_rounds, Descend&& descend_fn) {
+                       double target, int max_rounds, Descend&& descend_fn,
+                       const std::vector<int>* expert_of = nullptr) {
   const int R = bins.R, k = bins.k;
   double value = max_of(bins.load);
   if (R < 3 || k != 4) return value;
@@ -136,7 +148,7 @@ double resplit_descent(const std::vector<double>& w, const PairStructure& ps, Bi
   constexpr int64_t kBudget = 20000;      // nodes per three-bin search (5775 leaves at most)
   constexpr int64_t kTotal = 2000000;     // nodes per call: a few ms at worst
   int64_t spent = 0;
-  std::vector<int> others, atoms, ac, split;
+  std::vector<int> others, atoms, ac, ae, split;
   std::vector<double> aw;
   std::vector<std::pair<int, int>> tries;
   for (int round = 0; round < max_rounds && value > target + eps_of(target) && spent < kTotal;
@@ -161,14 +173,16 @@ double resplit_descent(const std::vector<double>& w, const PairStructure& ps, Bi
       atoms.clear();
       aw.clear();
       ac.clear();
+      ae.clear();
       for (int b : trio)
         for (int slot = 0; slot < k; ++slot) {
           const int e = bins.items[static_cast<size_t>(b) * k + slot];
           atoms.push_back(e);
           aw.push_back(w[e]);
           ac.push_back(ps.cls[e]);
+          if (expert_of) ae.push_back((*expert_of)[e]);
         }
-      ThreeWaySplit solver(aw, ac, ps.comp, k, kBudget);
+      ThreeWaySplit solver(aw, ac, ps.comp, k, kBudget, expert_of ? &ae : nullptr);
       double v = 0.0;
       const bool found = solver.run(hi - eps_of(hi), split, v);
       spent += solver.nodes();
@@ -197,14 +211,18 @@ inline double paired_improve(const std::vector<double>& w, const std::vector<dou
   return resplit_descent(w, ps, bins, target, max_iters, descend_fn);
 }
 
-// A plan from paired_heuristic, improved by three-bin re-splits; *value updated.
+// A plan from paired_heuristic, improved by three-bin re-splits; *value updated.  With replicas
+// (expert_of) both kinds of move keep an expert's copies on distinct bins.
 inline void paired_resplit(const std::vector<double>& w, const std::vector<double>& s,
                            const PairStructure& ps, int R, int k, double target, int max_iters,
-                           std::vector<int>& bin_of, double& value) {
+                           std::vector<int>& bin_of, double& value,
+                           const std::vector<int>* expert_of = nullptr) {
   if (value <= target + eps_of(target)) return;
   Bins bins(w, bin_of, R, k);
-  auto descend_fn = [&](Bins& b) { return paired_descent(w, s, ps, b, target, max_iters); };
-  const double v = resplit_descent(w, ps, bins, target, max_iters, descend_fn);
+  auto descend_fn = [&](Bins& b) {
+    return paired_descent(w, s, ps, b, target, max_iters, expert_of);
+  };
+  const double v = resplit_descent(w, ps, bins, target, max_iters, descend_fn, expert_of);
   if (v < value) {
     value = v;
     bin_of = bins.bin_of;

@@ -5,7 +5,9 @@ import numpy as np
 import numpy.typing as npt
 
 class _BatchResult(TypedDict):
-    rank_of_expert: npt.NDArray[np.int32]  # [L, n]
+    rank_of_expert: npt.NDArray[np.int32]  # [L, n]; with replicas: rank of the first copy
+    copies_per_expert: npt.NDArray[np.int32]  # [L, n], each >= 1
+    slot_expert: npt.NDArray[np.int32]  # [L, n + num_replicas], expert of each slot, rank-major
     compute_per_rank: npt.NDArray[np.float64]  # [L, R]
     memory_per_rank: npt.NDArray[np.float64]  # [L, R]
     node_inflow: npt.NDArray[np.float64]  # [L, N]
@@ -29,6 +31,7 @@ def plan_batch(
     exact_max_experts: int,
     exact_node_budget: int,
     num_threads: int,  # 0 = automatic
+    num_replicas: int = 0,  # extra physical slots for copies of busy experts
 ) -> _BatchResult: ...
 def cardinality_lower_bound(weights: npt.ArrayLike, num_ranks: int, per_rank: int) -> float: ...
 def balanced_packing(weights: npt.ArrayLike, num_ranks: int, per_rank: int) -> list[int]: ...

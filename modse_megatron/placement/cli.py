@@ -6,6 +6,7 @@ Examples::
     modse-plan --widths 1152,128,1024,256 --loads 10,3,7,9 --ranks 2 --json
     modse-plan --ratios 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 --unit 256 --repeat 8 \\
         --loads-from routing.json --ranks 16 --ranks-per-node 8
+    modse-plan --widths 1152,128,1024,256 --loads 40,3,7,9 --ranks 3 --replicas 2
 
 Prints a readable table by default (rank -> experts, memory, compute, gap) and JSON with
 ``--json``.  Bad input exits with status 2 and one line ``modse-plan: error: ...``.
@@ -30,6 +31,9 @@ from .plan import (
 )
 
 PROG = "modse-plan"
+# With replicas these methods place the chosen copies optimally; `optimal` asks more (every
+# choice of copy counts), so the table says which of the two is proven.
+EXACT_FOR_COPIES = ("one-expert-per-rank", "branch-and-bound")
 
 LOADS_FROM_HELP = (
     "JSON file with measured tokens per expert: a list of numbers (one layer), "
@@ -68,15 +72,17 @@ DESCRIPTION = """\
 Place MoDSE experts (different FFN widths) on expert-parallel ranks, per MoE layer:
 equal memory per rank where the sizes allow it (complementary pairs share a rank), then
 minimal max compute (sum of load x width per rank), then balanced token inflow per node,
-then the fewest bytes moved from --previous.  Every plan reports its proven lower bound,
-the gap to it, and whether it is optimal."""
+then the fewest bytes moved from --previous.  With --replicas N, N extra slots hold copies
+of the busiest experts (their tokens split evenly between copies, copies on distinct ranks).
+Every plan reports its proven lower bound, the gap to it, and whether it is optimal."""
 
 EPILOG = """\
 examples:
   modse-plan --ratios 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 --unit 256 --ranks 4
   modse-plan --widths 1152,128,1024,256 --loads 10,3,7,9 --ranks 2 --json
   modse-plan --ratios 4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5 --unit 256 --repeat 8 \\
-      --loads-from routing.json --ranks 16 --ranks-per-node 8"""
+      --loads-from routing.json --ranks 16 --ranks-per-node 8
+  modse-plan --widths 1152,128,1024,256 --loads 40,3,7,9 --ranks 3 --replicas 2"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert-parallel ranks; must divide the number of experts")
     p.add_argument("--ranks-per-node", type=int, metavar="G",
                    help="GPUs per node; must divide R (enables node inflow balancing)")
+    p.add_argument(
+        "--replicas", type=int, default=0, metavar="N",
+        help="extra expert slots holding copies of the busiest experts (DeepSeek EPLB's "
+        "redundant experts); experts + N must be a multiple of R, N even when complementary "
+        "pairs are kept together (default 0)",
+    )
     p.add_argument("--previous", metavar="r,r,...",
                    help="current rank of every expert (plans that move less win ties)")
     p.add_argument("--balance", choices=BALANCE_MODES, default=BALANCE_MODES[0],
@@ -168,6 +180,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[float], BatchPlacementPlan]:
     batch = plan_placement_batch(
         sizes, loads, args.ranks, args.ranks_per_node, previous, balance=args.balance,
         bytes_per_param=args.bytes_per_param, move_slack=args.move_slack,
+        num_replicas=args.replicas,
     )
     return sizes, batch
 
@@ -189,13 +202,22 @@ def format_plan(plan: PlacementPlan, title: str = "") -> str:
             f"{_g(plan.compute_per_rank[r]):>12}"
         )
     status = f"optimal ({plan.method})" if plan.optimal else f"not proven optimal ({plan.method})"
+    if plan.num_replicas and not plan.optimal and plan.method in EXACT_FOR_COPIES:
+        status = f"exact for these copies ({plan.method}), not proven over all copy counts"
     memory = "memory equal" if plan.memory_balanced else (
         f"memory {_g(min(plan.memory_per_rank))}..{_g(max(plan.memory_per_rank))}")
     if plan.paired:
         memory += " (complementary pairs kept together)"
+    per_rank = f"{k} experts/rank"
+    if plan.num_replicas:
+        n = len(plan.copies_per_expert)
+        per_rank = f"{k} slots/rank ({n} experts + {plan.num_replicas} replicas)"
+        copies = [f"{e} x{c} on ranks {','.join(map(str, plan.ranks_of_expert[e]))}"
+                  for e, c in enumerate(plan.copies_per_expert) if c > 1]
+        lines.append(f"copies: {' | '.join(copies)}")
     lines.append(
         f"max compute {_g(plan.max_compute)} | lower bound {_g(plan.lower_bound)} | "
-        f"gap {plan.gap:.3f}% | {status} | {memory} | {k} experts/rank | "
+        f"gap {plan.gap:.3f}% | {status} | {memory} | {per_rank} | "
         f"moved {_g(plan.moved_bytes)} bytes"
     )
     if len(plan.node_inflow) > 1:

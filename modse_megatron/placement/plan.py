@@ -25,8 +25,19 @@ independent) the planner assigns each of ``n`` experts to one of ``R`` ranks, ex
 Every plan reports ``lower_bound`` (proven: no valid plan of the same problem is better),
 ``gap`` (percent above it) and ``optimal``.  In paired mode "the same problem" is the paired
 one (pairs kept together).  The local search stops once within 0.01% of the bound, so a tiny
-nonzero gap is by design.  Redundant expert replicas are not planned yet: every expert lives
-on exactly one rank.
+nonzero gap is by design.
+
+**Redundant replicas** (``num_replicas=X``, DeepSeek EPLB's redundant experts): there are
+``S = n + X`` physical slots, exactly ``k = S / R`` per rank.  An expert with ``c`` copies has
+its tokens split evenly, so each copy costs ``loads[e] * sizes[e] / c`` compute and holds
+``sizes[e]`` memory.  Copies go greedily to the expert with the largest per-copy compute (EPLB's
+rule; it minimises the heaviest copy), at most one copy of an expert per rank; in paired mode
+(complementary sizes, ``k`` even) they are added in complementary pairs, so memory stays exactly
+equal, and ``X`` must be even.  The copies are then placed like experts, never two copies of an
+expert on one rank.  ``lower_bound`` holds for every way of choosing the copy counts, so
+``optimal`` means no choice of counts and placement does better; ``method`` says how the
+placement of the chosen copies was found ("branch-and-bound": exact for those copies).
+``previous`` cannot be combined with replicas yet.
 
 Hierarchy trade-off: DeepSeek's EPLB packs experts to nodes first, then to GPUs, so per-GPU
 balance pays for node balance; here max compute per rank is never raised for node balance.
@@ -68,7 +79,8 @@ class PlacementPlan:
     """Placement of one MoE layer's experts on ranks, with its own quality report."""
 
     rank_of_expert: list[int]
-    """Rank of each expert (logical id -> rank); exactly ``experts_per_rank`` per rank."""
+    """Rank of each expert (logical id -> rank); exactly ``experts_per_rank`` per rank.  With
+    replicas: the rank of the expert's first copy (its lowest rank; see ``ranks_of_expert``)."""
     max_compute: float
     """max over ranks of sum(loads[e] * sizes[e]) — the step time proxy being minimised."""
     lower_bound: float
@@ -82,6 +94,7 @@ class PlacementPlan:
     num_ranks: int
     ranks_per_node: int
     experts_per_rank: int
+    """Physical slots per rank, ``k = (n + num_replicas) / num_ranks``."""
     compute_per_rank: list[float]
     memory_per_rank: list[float]
     node_inflow: list[float]
@@ -92,20 +105,28 @@ class PlacementPlan:
     """Complementary pairs were kept together, so memory per rank is exactly equal."""
     method: str
     """How the plan was found; one of ``METHODS``."""
+    num_replicas: int
+    """Extra physical slots holding copies of busy experts (0: one slot per expert)."""
+    copies_per_expert: list[int]
+    """Copies of each expert (length n, each >= 1, summing to n + num_replicas)."""
+    slot_expert: list[int]
+    """Logical expert of each physical slot, rank-major: slot i lives on rank
+    ``i // experts_per_rank`` (EPLB's phy2log); ascending inside a rank."""
+    ranks_of_expert: list[list[int]]
+    """Ranks holding a copy of each expert, ascending (distinct: one copy per rank)."""
 
     @property
     def experts_of_rank(self) -> list[list[int]]:
         """Logical expert ids held by each rank, ascending."""
-        out: list[list[int]] = [[] for _ in range(self.num_ranks)]
-        for e, r in enumerate(self.rank_of_expert):
-            out[r].append(e)
-        return out
+        k = self.experts_per_rank
+        return [self.slot_expert[r * k : (r + 1) * k] for r in range(self.num_ranks)]
 
     @property
     def slot_order(self) -> list[int]:
         """Physical slot order: experts listed rank by rank (Megatron puts slots
-        ``[r*k, (r+1)*k)`` on rank r), i.e. the permutation the MoE layer is built in."""
-        return [e for experts in self.experts_of_rank for e in experts]
+        ``[r*k, (r+1)*k)`` on rank r), i.e. the permutation the MoE layer is built in; the
+        same as ``slot_expert``."""
+        return list(self.slot_expert)
 
     @property
     def memory_balanced(self) -> bool:
@@ -137,15 +158,23 @@ class BatchPlacementPlan:
     node_inflow_bound: np.ndarray  # [L]
     paired: np.ndarray  # [L] bool
     method: np.ndarray  # [L] int32 index into METHODS
+    copies_per_expert: np.ndarray  # [L, n] int32
+    slot_expert: np.ndarray  # [L, S] int32, S = n + num_replicas, rank-major
     num_ranks: int
     ranks_per_node: int
+    num_replicas: int
 
     def __len__(self) -> int:
         return int(self.rank_of_expert.shape[0])
 
     def __getitem__(self, layer: int) -> PlacementPlan:
         i = range(len(self))[layer]  # bounds check + negative indices
-        n = self.rank_of_expert.shape[1]
+        n, S = self.rank_of_expert.shape[1], self.slot_expert.shape[1]
+        k = S // self.num_ranks
+        slots = self.slot_expert[i].tolist()
+        ranks_of_expert: list[list[int]] = [[] for _ in range(n)]
+        for slot, e in enumerate(slots):
+            ranks_of_expert[e].append(slot // k)
         return PlacementPlan(
             rank_of_expert=self.rank_of_expert[i].tolist(),
             max_compute=float(self.max_compute[i]),
@@ -155,13 +184,17 @@ class BatchPlacementPlan:
             moved_bytes=float(self.moved_bytes[i]),
             num_ranks=self.num_ranks,
             ranks_per_node=self.ranks_per_node,
-            experts_per_rank=n // self.num_ranks,
+            experts_per_rank=k,
             compute_per_rank=self.compute_per_rank[i].tolist(),
             memory_per_rank=self.memory_per_rank[i].tolist(),
             node_inflow=self.node_inflow[i].tolist(),
             node_inflow_bound=float(self.node_inflow_bound[i]),
             paired=bool(self.paired[i]),
             method=METHODS[int(self.method[i])],
+            num_replicas=self.num_replicas,
+            copies_per_expert=self.copies_per_expert[i].tolist(),
+            slot_expert=slots,
+            ranks_of_expert=ranks_of_expert,
         )
 
 
@@ -250,8 +283,11 @@ def _check_values(name: str, a: np.ndarray, positive: bool) -> None:
 def _validate(
     sizes: np.ndarray, loads: np.ndarray, num_ranks: Any, ranks_per_node: Any,
     previous: np.ndarray | None, balance: str, bytes_per_param: float, move_slack: float,
-) -> tuple[int, int]:
-    """Checks everything the C++ core checks, with messages naming the fix; returns (R, g)."""
+    num_replicas: Any,
+) -> tuple[int, int, int]:
+    """Checks everything the C++ core checks, with messages naming the fix, except that an odd
+    ``num_replicas`` with complementary sizes is left to the core (it detects the pairs);
+    returns (R, g, num_replicas)."""
     if num_ranks is None:
         raise ValueError("num_ranks is required: the number of expert-parallel ranks")
     R = _positive_int("num_ranks", num_ranks)
@@ -263,10 +299,29 @@ def _validate(
             f"loads has {loads.shape[-1]} entries per layer but sizes has {n}: "
             f"give one load per expert"
         )
-    if n % R:
+    X = num_replicas
+    if isinstance(X, bool) or not isinstance(X, (int, np.integer)) or X < 0:
+        raise ValueError(f"num_replicas={X!r} must be an integer >= 0")
+    X = int(X)
+    if X > n * (R - 1):
+        raise ValueError(
+            f"num_replicas={X} exceeds num_experts*(num_ranks-1)={n * (R - 1)}: "
+            f"an expert has at most one copy per rank"
+        )
+    if X == 0 and n % R:
         raise ValueError(
             f"num_experts={n} is not divisible by num_ranks={R}: "
             f"choose num_ranks that divides the expert count"
+        )
+    if (n + X) % R:
+        raise ValueError(
+            f"num_experts={n} + num_replicas={X} = {n + X} slots is not divisible by "
+            f"num_ranks={R}: choose num_replicas so that experts + replicas is a multiple of "
+            f"num_ranks"
+        )
+    if X and previous is not None:
+        raise ValueError(
+            "previous cannot be combined with num_replicas > 0 yet: plan replicas without previous"
         )
     g = R if ranks_per_node is None else _positive_int("ranks_per_node", ranks_per_node)
     if R % g:
@@ -298,7 +353,7 @@ def _validate(
                 f"{_where('previous', previous, idx)}={int(previous[idx])} is not a rank in "
                 f"[0, {R}): previous placements must use the same num_ranks"
             )
-    return R, g
+    return R, g, X
 
 
 # ----------------------------------------------------------------------------- public API
@@ -317,6 +372,7 @@ def plan_placement_batch(
     exact_max_experts: int = 16,
     exact_node_budget: int = 400_000,
     num_threads: int = 0,
+    num_replicas: int = 0,
 ) -> BatchPlacementPlan:
     """Plan many MoE layers in one C++ call (the GIL is released; layers run on threads).
 
@@ -337,6 +393,9 @@ def plan_placement_batch(
         exact_max_experts: run branch and bound for layers with at most this many experts.
         exact_node_budget: search nodes before branch and bound stops (then not a proof).
         num_threads: worker threads over layers; 0 = automatic.
+        num_replicas: extra physical slots for copies of busy experts (module docstring);
+            ``n + num_replicas`` must be a multiple of ``num_ranks``, at most
+            ``n * (num_ranks - 1)``, even in paired mode; not with ``previous``.
     """
     s = _matrix("sizes", sizes, (1, 2))
     if loads is None:
@@ -351,7 +410,8 @@ def plan_placement_batch(
             f"or a single shared row"
         )
     prev = None if previous is None else _matrix("previous", previous, (1, 2))
-    R, g = _validate(s, t, num_ranks, ranks_per_node, prev, balance, bytes_per_param, move_slack)
+    R, g, X = _validate(s, t, num_ranks, ranks_per_node, prev, balance, bytes_per_param,
+                        move_slack, num_replicas)
     if prev is not None:
         if prev.ndim == 1:
             prev = np.broadcast_to(prev, t.shape)
@@ -365,13 +425,13 @@ def plan_placement_batch(
         np.ascontiguousarray(s.reshape(-1, s.shape[-1])), np.ascontiguousarray(t), prev,
         R, 0 if ranks_per_node is None else g, BALANCE_MODES.index(balance),
         float(bytes_per_param), float(move_slack), int(exact_max_experts),
-        int(exact_node_budget), int(num_threads),
+        int(exact_node_budget), int(num_threads), X,
     )
     lb, mx = out["lower_bound"], out["max_compute"]
     gap = np.zeros_like(lb)
     open_ = ~out["optimal"] & (lb > 0)
     gap[open_] = 100.0 * (mx[open_] - lb[open_]) / lb[open_]
-    return BatchPlacementPlan(gap=gap, num_ranks=R, ranks_per_node=g, **out)
+    return BatchPlacementPlan(gap=gap, num_ranks=R, ranks_per_node=g, num_replicas=X, **out)
 
 
 def plan_placement(
@@ -386,6 +446,7 @@ def plan_placement(
     move_slack: float = 0.0,
     exact_max_experts: int = 16,
     exact_node_budget: int = 400_000,
+    num_replicas: int = 0,
 ) -> PlacementPlan:
     """Plan one MoE layer: ``sizes[n]``, optional ``loads[n]`` (default uniform), ``num_ranks``.
 
@@ -399,5 +460,5 @@ def plan_placement(
         s, None if t is None else t[None, :], num_ranks, ranks_per_node,
         None if p is None else p[None, :], balance=balance, bytes_per_param=bytes_per_param,
         move_slack=move_slack, exact_max_experts=exact_max_experts,
-        exact_node_budget=exact_node_budget, num_threads=1,
+        exact_node_budget=exact_node_budget, num_threads=1, num_replicas=num_replicas,
     )[0]

@@ -35,12 +35,16 @@ def is_pair_group(sizes: Sequence[float], group: Sequence[int], pair_sum: float)
 
 
 def brute_force(
-    weights: Sequence[float], num_ranks: int, sizes: Sequence[float] | None = None
+    weights: Sequence[float],
+    num_ranks: int,
+    sizes: Sequence[float] | None = None,
+    experts: Sequence[int] | None = None,
 ) -> float:
     """Optimal max group weight over all partitions into num_ranks groups of n/num_ranks.
 
     With ``sizes``: only partitions whose every group is a union of complementary pairs
-    (the paired problem, where memory per rank is exactly equal).
+    (the paired problem, where memory per rank is exactly equal).  With ``experts`` (the
+    expert of each item, for copies): no group holds two items of one expert.
     """
     n = len(weights)
     k = n // num_ranks
@@ -49,8 +53,71 @@ def brute_force(
     for groups in partitions(n, k):
         if pair_sum is not None and not all(is_pair_group(sizes, g, pair_sum) for g in groups):
             continue
+        if experts is not None and any(len({experts[e] for e in g}) < k for g in groups):
+            continue
         best = min(best, max(sum(weights[e] for e in g) for g in groups))
     return best
+
+
+# ----------------------------------------------------------------------------- replicas
+
+
+def replicate_counts(weights: Sequence[float], num_ranks: int, extra: int) -> list[int]:
+    """EPLB's replicate_experts: each extra copy to the expert with the largest weight per copy
+    (lowest id on ties), at most num_ranks copies per expert."""
+    counts = [1] * len(weights)
+    for _ in range(extra):
+        e = max((e for e in range(len(weights)) if counts[e] < num_ranks),
+                key=lambda e: (weights[e] / counts[e], -e))
+        counts[e] += 1
+    return counts
+
+
+def paired_replicate_counts(
+    weights: Sequence[float], sizes: Sequence[float], num_ranks: int, extra: int
+) -> list[int]:
+    """The paired rule for sizes without a middle class (no size is half the pair sum): the
+    expert with the largest weight per copy plus the expert of the complementary size with the
+    largest weight per copy; an expert whose complementary size is full gets no more copies."""
+    n = len(weights)
+    pair_sum = min(sizes) + max(sizes)
+    counts, full = [1] * n, set()
+
+    def key(e: int) -> tuple[float, int]:
+        return weights[e] / counts[e], -e
+
+    for _ in range(extra // 2):
+        while True:
+            e = max((e for e in range(n) if counts[e] < num_ranks and e not in full), key=key)
+            partners = [f for f in range(n) if counts[f] < num_ranks
+                        and abs(sizes[f] + sizes[e] - pair_sum) <= 1e-9 * pair_sum]
+            if partners:
+                break
+            full.add(e)
+        f = max(partners, key=key)
+        counts[e] += 1
+        counts[f] += 1
+    return counts
+
+
+def count_vectors(n: int, num_ranks: int, slots: int) -> Iterator[tuple[int, ...]]:
+    """Every choice of copy counts: 1..num_ranks copies per expert, summing to slots."""
+    for counts in itertools.product(range(1, num_ranks + 1), repeat=n):
+        if sum(counts) == slots:
+            yield counts
+
+
+def brute_force_copies(
+    weights: Sequence[float], counts: Sequence[int], num_ranks: int,
+    sizes: Sequence[float] | None = None,
+) -> float:
+    """Optimal max rank weight for these copy counts: each copy of e weighs weights[e] /
+    counts[e], copies of one expert on distinct ranks (with sizes: ranks of complementary
+    pairs)."""
+    experts = [e for e, c in enumerate(counts) for _ in range(c)]
+    item_w = [weights[e] / counts[e] for e in experts]
+    item_s = None if sizes is None else [sizes[e] for e in experts]
+    return brute_force(item_w, num_ranks, item_s, experts)
 
 
 def is_pair_structured(sizes: Sequence[float]) -> bool:

@@ -69,9 +69,26 @@ def test_previous_placement(capsys):
     assert code == 0 and json.loads(out)["moved_bytes"] == 0.0
 
 
+def test_replicas_table_and_json(capsys):
+    argv = ["--widths", "1152,128,1024,256", "--loads", "40,3,7,9", "--ranks", "3",
+            "--replicas", "2"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert "copies: 0 x2 on ranks" in out and "2 slots/rank (4 experts + 2 replicas)" in out
+    assert "memory equal" in out
+    code, out, _ = run(capsys, *argv, "--json")
+    plan = json.loads(out)
+    assert plan["num_replicas"] == 2 and plan["copies_per_expert"][0] == 2
+    assert sum(plan["copies_per_expert"]) == 6 and len(plan["slot_expert"]) == 6
+    assert len(plan["ranks_of_expert"][0]) == 2
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--widths", "1,2,3", "--ranks", "2", "--replicas", "2"], "5 slots is not divisible"),
+        (["--widths", "9,1,8,2", "--ranks", "5", "--replicas", "1"], "num_replicas=1 is odd"),
+        (["--widths", "1,2", "--ranks", "2", "--replicas", "-2"], "num_replicas=-2"),
         (["--widths", "1,2,3", "--ranks", "2"], "not divisible by num_ranks=2"),
         (["--widths", "1,2", "--loads", "1,nan", "--ranks", "2"], "loads[1]=nan"),
         (["--widths", "1,2", "--loads", "1", "--ranks", "2"], "loads has 1 entries"),
