@@ -176,7 +176,8 @@ def main(argv=None) -> dict:
 
     tokens_per_s = {name: args.tokens / statistics.median(ts) for name, ts in times.items()}
     tokens_per_s_best = {name: args.tokens / min(ts) for name, ts in times.items()}
-    widths = variants["modse"].expert_widths
+    experts = variants["modse"].experts  # EP = 1: every expert is local
+    widths = [w for _, w in sorted(zip(experts.logical_ids, experts.expert_widths))]  # logical order
     routed = modse_router.routing_stats.double() / args.rounds  # per logical expert, per step
     modse_expert_flops = float((routed * torch.tensor(widths, dtype=torch.float64)).sum()) * args.hidden * 6 * 3
     dense_flops = args.tokens * args.topk * args.ffn * args.hidden * 6 * 3

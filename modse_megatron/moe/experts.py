@@ -104,6 +104,11 @@ class MoDSEExperts(MegatronModule):
         pg_collection: megatron process groups (``ep``, ``expt_tp``, ``expt_dp`` are used).
         expert_widths: full FFN width of each local expert, in physical slot order.
         logical_ids: logical id of each local expert (checkpoint keys, statistics).
+        slot_to_logical, all_expert_widths: instead of the two above, the whole layer's
+            placement (logical expert of every physical slot) and every logical expert's
+            width; this rank's experts are then the slots of its EP rank (from
+            ``pg_collection.ep``). This is how layer specs build the experts, since a spec is
+            written before the process groups exist.
         impl: ``loop``, ``grouped`` or ``te`` (see module docstring).
         use_grouped_mm: run equal-width experts through ``torch._grouped_mm``; default: on CUDA.
     """
@@ -115,8 +120,10 @@ class MoDSEExperts(MegatronModule):
         submodules=None,
         pg_collection=None,
         *,
-        expert_widths: Sequence[int],
-        logical_ids: Sequence[int],
+        expert_widths: Optional[Sequence[int]] = None,
+        logical_ids: Optional[Sequence[int]] = None,
+        slot_to_logical: Optional[Sequence[int]] = None,
+        all_expert_widths: Optional[Sequence[int]] = None,
         impl: str = "grouped",
         use_grouped_mm: Optional[bool] = None,
     ):
@@ -127,6 +134,17 @@ class MoDSEExperts(MegatronModule):
             te_experts.check_te_available()
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
+        if slot_to_logical is not None:
+            if expert_widths is not None or logical_ids is not None or all_expert_widths is None:
+                raise ValueError(
+                    "give either expert_widths + logical_ids (this rank's experts) or "
+                    "slot_to_logical + all_expert_widths (the whole layer), not a mix"
+                )
+            first = pg_collection.ep.rank() * num_local_experts
+            logical_ids = [int(e) for e in slot_to_logical[first : first + num_local_experts]]
+            expert_widths = [all_expert_widths[e] for e in logical_ids]
+        if expert_widths is None or logical_ids is None:
+            raise ValueError("MoDSEExperts needs expert_widths and logical_ids (or slot_to_logical + all_expert_widths)")
         if len(expert_widths) != num_local_experts or len(logical_ids) != num_local_experts:
             raise ValueError(
                 f"{num_local_experts} local experts but {len(expert_widths)} widths and "

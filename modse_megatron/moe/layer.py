@@ -54,8 +54,54 @@ def resolve_experts_impl(requested: str, config=None) -> str:
     return requested
 
 
+def modse_moe_submodules(
+    config,
+    modse_config: MoDSEConfig,
+    ep_size: int,
+    submodules: Optional[MoESubmodules] = None,
+    *,
+    expert_widths: Optional[Sequence[int]] = None,
+    slot_to_logical: Optional[Sequence[int]] = None,
+) -> tuple[MoESubmodules, list[int], list[int]]:
+    """What megatron's ``MoELayer`` must build for a MoDSE layer: ``(submodules, widths, slots)``.
+
+    ``submodules`` (e.g. megatron's, carrying the shared-expert spec) gets MoDSE experts (built
+    with the placement; each EP rank takes its slots from ``pg_collection.ep``) and the MoDSE
+    router. ``widths``: every logical expert's width; ``slots``: logical expert per physical
+    slot (from ``modse_config``'s placement for ``ep_size`` ranks unless given).
+    """
+    num_experts = config.num_moe_experts
+    widths = list(expert_widths) if expert_widths is not None else modse_config.expert_widths(config)
+    if len(widths) != num_experts:
+        raise ValueError(f"{len(widths)} expert widths for num_moe_experts={num_experts}: give one per expert")
+    if slot_to_logical is None:
+        ranks = resolve_ranks(modse_config.moe_expert_placement, widths, ep_size)
+        slot_to_logical = slot_order(ranks, ep_size)
+    slots = check_slot_order(slot_to_logical, num_experts)
+    experts = ModuleSpec(
+        module=MoDSEExperts,
+        params=dict(
+            slot_to_logical=slots,
+            all_expert_widths=widths,
+            impl=resolve_experts_impl(modse_config.moe_experts_impl, config),
+        ),
+    )
+    router = functools.partial(
+        MoDSERouter,
+        router_type=modse_config.moe_router_type,
+        granularity=modse_config.moe_routing_granularity,
+        slot_to_logical=slots,
+    )
+    submodules = dataclasses.replace(submodules or MoESubmodules(), experts=experts, router=router)
+    return submodules, widths, slots
+
+
 class MoDSEMoELayer(MoELayer):
     """``MoELayer`` whose experts have individual widths and live where a placement says.
+
+    For building one layer directly; model specs (``moe.specs``) use megatron's own
+    ``MoELayer`` with :func:`modse_moe_submodules`, which builds exactly the same modules (so
+    megatron's ``TransformerLayer`` recognises the layer and hands it its process groups).
 
     Args (beyond ``MoELayer``'s):
         modse_config: MoDSE options (widths, placement, router variant, experts impl).
@@ -77,33 +123,10 @@ class MoDSEMoELayer(MoELayer):
         modse_config = modse_config if modse_config is not None else MoDSEConfig()
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        num_experts = config.num_moe_experts
-        widths = list(expert_widths) if expert_widths is not None else modse_config.expert_widths(config)
-        if len(widths) != num_experts:
-            raise ValueError(f"{len(widths)} expert widths for num_moe_experts={num_experts}: give one per expert")
-        ep_size, ep_rank = pg_collection.ep.size(), pg_collection.ep.rank()
-        if slot_to_logical is None:
-            ranks = resolve_ranks(modse_config.moe_expert_placement, widths, ep_size)
-            slot_to_logical = slot_order(ranks, ep_size)
-        slots = check_slot_order(slot_to_logical, num_experts)
-        per_rank = num_experts // ep_size
-        local_ids = slots[ep_rank * per_rank : (ep_rank + 1) * per_rank]
-
-        experts = ModuleSpec(
-            module=MoDSEExperts,
-            params=dict(
-                expert_widths=[widths[e] for e in local_ids],
-                logical_ids=local_ids,
-                impl=resolve_experts_impl(modse_config.moe_experts_impl, config),
-            ),
+        submodules, widths, slots = modse_moe_submodules(
+            config, modse_config, pg_collection.ep.size(), submodules,
+            expert_widths=expert_widths, slot_to_logical=slot_to_logical,
         )
-        router = functools.partial(
-            MoDSERouter,
-            router_type=modse_config.moe_router_type,
-            granularity=modse_config.moe_routing_granularity,
-            slot_to_logical=slots,
-        )
-        submodules = dataclasses.replace(submodules or MoESubmodules(), experts=experts, router=router)
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
         self.modse_config = modse_config
         self.expert_widths = widths
@@ -126,4 +149,4 @@ class MoDSEMoELayer(MoELayer):
         self.router.reset_routing_stats()
 
 
-__all__ = ["MoDSEMoELayer", "resolve_experts_impl"]
+__all__ = ["MoDSEMoELayer", "modse_moe_submodules", "resolve_experts_impl"]

@@ -1,9 +1,11 @@
 """Layer specs that make megatron's ``GPTModel`` build MoDSE MoE layers.
 
 We take megatron's own GPT specs (local or TransformerEngine backend; its handling of
-``moe_layer_freq``, pipeline stages and layouts included) and swap only the MLP of MoE layers
-for :class:`~modse_megatron.moe.layer.MoDSEMoELayer`, keeping megatron's shared-expert spec so
-a shared ("generalist") expert combines with the MoDSE experts. With ``num_moe_experts=None``
+``moe_layer_freq``, pipeline stages and layouts included) and give the MoE layers MoDSE experts
+and router (:func:`~modse_megatron.moe.layer.modse_moe_submodules`; the layer stays megatron's
+``MoELayer``, built exactly like :class:`~modse_megatron.moe.layer.MoDSEMoELayer`), keeping
+megatron's shared-expert spec so a shared ("generalist") expert combines with the MoDSE
+experts. With ``num_moe_experts=None``
 the same functions return megatron's dense spec (the dense baseline); uniform widths give a
 uniform MoE through the same MoDSE path.
 """
@@ -22,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from ..config import MoDSEConfig
-from .layer import MoDSEMoELayer
+from .layer import modse_moe_submodules
 
 BACKENDS = ("local", "te")
 
@@ -33,24 +35,31 @@ def _check_backend(backend: str) -> bool:
     return backend == "te"
 
 
-def modse_mlp_spec(moe_spec: ModuleSpec, modse_config: MoDSEConfig) -> ModuleSpec:
-    """Turn megatron's ``MoELayer`` spec into the MoDSE layer's (router/experts are chosen by
-    the layer from ``modse_config``; the shared-expert spec is kept)."""
+def modse_mlp_spec(moe_spec: ModuleSpec, modse_config: MoDSEConfig, transformer_config) -> ModuleSpec:
+    """Turn megatron's ``MoELayer`` spec into a MoDSE one: still megatron's ``MoELayer`` (so its
+    ``TransformerLayer`` passes the model's process groups), with MoDSE experts and router
+    (``modse_moe_submodules``; placement for ``expert_model_parallel_size`` ranks) and
+    megatron's shared-expert spec kept."""
     shared = moe_spec.submodules.shared_experts if moe_spec.submodules is not None else None
+    submodules, _, _ = modse_moe_submodules(
+        transformer_config, modse_config, transformer_config.expert_model_parallel_size,
+        MoESubmodules(shared_experts=shared),
+    )
     return ModuleSpec(
-        module=MoDSEMoELayer,
-        params={**moe_spec.params, "modse_config": modse_config},
-        submodules=MoESubmodules(shared_experts=shared),
+        module=MoELayer,
+        params=dict(moe_spec.params),
+        submodules=submodules,
         metainfo=dict(moe_spec.metainfo),
     )
 
 
-def modse_layer_spec(layer_spec: ModuleSpec, modse_config: MoDSEConfig) -> ModuleSpec:
-    """A TransformerLayer spec with its MoE MLP (if any) replaced by the MoDSE layer."""
+def modse_layer_spec(layer_spec: ModuleSpec, modse_config: MoDSEConfig, transformer_config) -> ModuleSpec:
+    """A TransformerLayer spec with its MoE MLP (if any) turned into a MoDSE one."""
     mlp = layer_spec.submodules.mlp
     if not (isinstance(mlp, ModuleSpec) and mlp.module is MoELayer):
         return layer_spec  # dense layer: unchanged
-    submodules = dataclasses.replace(layer_spec.submodules, mlp=modse_mlp_spec(mlp, modse_config))
+    mlp = modse_mlp_spec(mlp, modse_config, transformer_config)
+    submodules = dataclasses.replace(layer_spec.submodules, mlp=mlp)
     return dataclasses.replace(layer_spec, submodules=submodules)
 
 
@@ -78,7 +87,7 @@ def get_modse_gpt_layer_spec(
         spec = get_gpt_layer_with_transformer_engine_spec(**common)
     else:
         spec = get_gpt_layer_local_spec(normalization=normalization or tc.normalization, **common)
-    return modse_layer_spec(spec, modse_config)
+    return modse_layer_spec(spec, modse_config, tc)
 
 
 def get_modse_decoder_block_spec(
@@ -103,7 +112,7 @@ def get_modse_decoder_block_spec(
         vp_stage=vp_stage,
         pp_rank=pp_rank,
     )
-    layer_specs = [modse_layer_spec(spec, modse_config) for spec in block.layer_specs]
+    layer_specs = [modse_layer_spec(spec, modse_config, transformer_config) for spec in block.layer_specs]
     return dataclasses.replace(block, layer_specs=layer_specs)
 
 

@@ -30,11 +30,14 @@ def _config(dispatcher="alltoall", **extra):
 
 
 def _build(config, modse_config):
-    from megatron.core.transformer.spec_utils import build_module
+    """MoDSEMoELayer with megatron's MoE submodules (shared expert included when configured).
+    (GPT models get the same modules from the specs: tests/moe/test_specs.py.)"""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from modse_megatron.moe.specs import get_modse_gpt_layer_spec
+    from modse_megatron.moe.layer import MoDSEMoELayer
 
-    return build_module(get_modse_gpt_layer_spec(modse_config, config).submodules.mlp, config=config)
+    moe_spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts).submodules.mlp
+    return MoDSEMoELayer(config, moe_spec.submodules, modse_config=modse_config)
 
 
 def _logical_weight(name, shape, scale=0.1):

@@ -37,12 +37,16 @@ def _gpt(config, modse_config, **kw):
 def _mlp_kinds(model):
     from megatron.core.transformer.mlp import MLP
 
-    from modse_megatron.moe.layer import MoDSEMoELayer
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from modse_megatron.moe.experts import MoDSEExperts
+    from modse_megatron.moe.router import MoDSERouter
 
     kinds = []
     for layer in model.decoder.layers:
         mlp = layer.mlp
-        kinds.append("modse" if isinstance(mlp, MoDSEMoELayer) else "dense" if type(mlp) is MLP else type(mlp).__name__)
+        modse = isinstance(mlp, MoELayer) and isinstance(mlp.experts, MoDSEExperts) and isinstance(mlp.router, MoDSERouter)
+        kinds.append("modse" if modse else "dense" if type(mlp) is MLP else type(mlp).__name__)
     return kinds
 
 
@@ -60,8 +64,9 @@ def _gpt_loss(preset):
     token_losses = model(tokens, positions, None, labels=tokens)
     token_losses.mean().backward()
     router_grad = model.decoder.layers[0].mlp.router.weight.grad
+    experts = model.decoder.layers[0].mlp.experts
     return {"kinds": _mlp_kinds(model), "losses": token_losses.detach(),
-            "widths": model.decoder.layers[0].mlp.expert_widths, "router_grad_norm": router_grad.norm()}
+            "widths": dict(zip(experts.logical_ids, experts.expert_widths)), "router_grad_norm": router_grad.norm()}
 
 
 @pytest.mark.parametrize("preset", ["paper8", "uniform"])
@@ -76,7 +81,10 @@ def test_gpt_tp2_ep2_matches_single_rank_layout(dist4, preset):
         assert_close_rel(parallel[rank]["losses"], ref["losses"], RTOL, f"rank {rank} token losses")
         assert_close_rel(parallel[rank]["router_grad_norm"], ref["router_grad_norm"], RTOL, f"rank {rank} router grad")
     expected = [72, 8, 64, 16, 48, 32, 40, 40] if preset == "paper8" else [40] * 8
-    assert parallel[0]["widths"] == expected
+    held = {}
+    for rank in range(4):  # every logical expert is held (by its EP rank) with its own width
+        held.update(parallel[rank]["widths"])
+    assert held == dict(enumerate(expected))
 
 
 def _dense_gpt():
@@ -85,6 +93,29 @@ def _dense_gpt():
     loss = model(tokens, positions, None, labels=tokens).mean()
     loss.backward()
     return _mlp_kinds(model), bool(torch.isfinite(loss))
+
+
+def _layer_build_warnings():
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    logger.addHandler(handler)
+    try:
+        _gpt(_gpt_config(), MoDSEConfig(moe_expert_size_preset="paper8"))
+    finally:
+        logger.removeHandler(handler)
+    return [r.getMessage() for r in records]
+
+
+def test_transformer_layer_hands_the_moe_layer_its_process_groups(dist2):
+    """The spec's MLP is megatron's MoELayer (with MoDSE experts/router), which megatron's
+    TransformerLayer recognises: it passes the model's process groups instead of warning
+    "Unknown MLP type ... Using default kwargs" (it did for a MoELayer subclass)."""
+    for messages in dist2.run(_layer_build_warnings):
+        assert not [m for m in messages if "Unknown MLP type" in m], messages
 
 
 def test_dense_baseline_through_the_same_spec(dist2):
@@ -134,13 +165,16 @@ def test_gpt_checkpoint_has_one_key_per_logical_expert_per_layer(dist2):
 def test_transformer_engine_backend_spec():
     from megatron.core.transformer import TransformerConfig
 
-    from modse_megatron.moe.layer import MoDSEMoELayer
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from modse_megatron.moe.experts import MoDSEExperts
     from modse_megatron.moe.specs import get_modse_gpt_layer_spec
 
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=8,
                                moe_ffn_hidden_size=40, add_bias_linear=False)
     spec = get_modse_gpt_layer_spec(MoDSEConfig(moe_expert_size_preset="paper8"), config, backend="te")
-    assert spec.submodules.mlp.module is MoDSEMoELayer
+    assert spec.submodules.mlp.module is MoELayer
+    assert spec.submodules.mlp.submodules.experts.module is MoDSEExperts
 
 
 # ------------------------------------------------------------------ DDP + distributed optimizer
