@@ -116,6 +116,11 @@ def eplb_paired(sizes: np.ndarray, weight: np.ndarray, num_packs: int) -> np.nda
 # ----------------------------------------------------------------------------- instances
 
 
+def zipf_loads(rng: np.random.Generator, n: int, s: float) -> np.ndarray:
+    """The protocol's loads: Zipf(s) over a random expert order times LogNormal(0, 0.5) noise."""
+    return (1.0 + rng.permutation(n)) ** -s * rng.lognormal(0.0, 0.5, n)
+
+
 def cells(layers: int):
     """Protocol cells: one (n, k, s, sizes) combination with `layers` random layers (seeds)."""
     for n in (8, 16, 32, 64, 128, 256, 512, 1024):
@@ -128,7 +133,7 @@ def cells(layers: int):
                     loads = np.empty((layers, n))
                     for seed in range(layers):
                         rng = np.random.default_rng([n, k, int(s * 10), seed])
-                        loads[seed] = (1.0 + rng.permutation(n)) ** -s * rng.lognormal(0.0, 0.5, n)
+                        loads[seed] = zipf_loads(rng, n, s)
                     sizes = (
                         np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
                         if size_kind == "modse"
@@ -255,8 +260,7 @@ def run_layers(num_layers: int = 61, n: int = 256, R: int = 64, repeat: int = 5)
     """The batched figure: every MoE layer of a 61-layer model planned in one call."""
     rng = np.random.default_rng(2024)
     zipf = (0.0, 0.5, 1.0, 1.5)
-    loads = np.stack([(1.0 + rng.permutation(n)) ** -zipf[i % 4] * rng.lognormal(0, 0.5, n)
-                      for i in range(num_layers)])
+    loads = np.stack([zipf_loads(rng, n, zipf[i % 4]) for i in range(num_layers)])
     sizes = np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
     w = sizes * loads
     out: dict = {"layers": num_layers, "experts": n, "ranks": R,
@@ -378,7 +382,7 @@ def run_replicas(layers: int, repeat: int, n: int = 256, R: int = 64) -> dict:
         rows = []
         for seed in range(layers):
             rng = np.random.default_rng([n, 4, int(s * 10), seed])
-            rows.append((1.0 + rng.permutation(n)) ** -s * rng.lognormal(0.0, 0.5, n))
+            rows.append(zipf_loads(rng, n, s))
         loads[s] = np.stack(rows)
     modse = np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
     cases = (("compute_uniform", np.full(n, 1024.0), 64, "compute"),

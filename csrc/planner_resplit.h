@@ -57,9 +57,8 @@ class ThreeWaySplit {
   // Can a bin with these class counts and `free` open slots still become a union of pairs?
   bool pairable(const std::vector<int>& cnt, int free) const {
     int need = 0;
-    const auto& comp = comp_;
-    for (size_t c = 0; c < comp.size(); ++c) {
-      const int d = comp[c];
+    for (size_t c = 0; c < comp_.size(); ++c) {
+      const int d = comp_[c];
       if (d == static_cast<int>(c)) {
         need += cnt[c] & 1;
       } else if (d > static_cast<int>(c)) {
@@ -88,9 +87,10 @@ class ThreeWaySplit {
       }
       return;
     }
-    // Even the best spread of the remaining atoms cannot beat the incumbent: prune.
-    const double lightest_final = (load_[0] + load_[1] + load_[2] + suffix_[depth]) / 3.0;
-    if (lightest_final >= best_) return;
+    // The heaviest final bin weighs at least the mean of the three final loads: prune if even
+    // that cannot beat the incumbent.
+    const double mean_final = (load_[0] + load_[1] + load_[2] + suffix_[depth]) / 3.0;
+    if (mean_final >= best_) return;
     const int atom = order_[depth];
     std::array<int, 3> tries{0, 1, 2};
     std::sort(tries.begin(), tries.end(), [&](int x, int y) { return load_[x] < load_[y]; });
