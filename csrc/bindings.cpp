@@ -1,6 +1,9 @@
 // Thin pybind11 layer over planner.h: numpy arrays in, a dict of numpy arrays out.
-// All checking of Python-level types happens in modse_megatron/placement/plan.py; the C++ core
-// re-validates values and throws std::invalid_argument, which pybind11 raises as ValueError.
+// Python-level types are checked in modse_megatron/placement/plan.py; every binding here also
+// validates its own input (shapes, NaN/inf/negative values, sizes whose products overflow,
+// ranks <= 0, counts that do not divide) before any work starts, and the C++ core throws
+// std::invalid_argument with a one-line message naming the argument, which pybind11 raises as
+// ValueError.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,14 +22,26 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
                     int num_ranks, int ranks_per_node, int balance, double bytes_per_param,
                     double move_slack, int exact_max_experts, int64_t exact_node_budget,
                     int num_threads, int num_replicas) {
-  if (loads.ndim() != 2) throw std::invalid_argument("loads must be a 2-D array [layers, experts]");
+  if (loads.ndim() != 2)
+    mp::fail("loads must be a 2-D array [layers, experts], got " + std::to_string(loads.ndim()) +
+             "-D");
+  if (loads.shape(0) < 1 || loads.shape(0) > INT_MAX)
+    mp::fail("loads has " + std::to_string(loads.shape(0)) + " layers: give 1 to " +
+             std::to_string(INT_MAX) + " rows [layers, experts]");
+  if (loads.shape(1) > mp::kMaxSlots)
+    mp::fail("loads has " + std::to_string(loads.shape(1)) + " experts per layer: at most " +
+             std::to_string(mp::kMaxSlots) + " are supported");
   const int L = static_cast<int>(loads.shape(0));
   const int n = static_cast<int>(loads.shape(1));
   if (sizes.ndim() != 2 || sizes.shape(1) != n || (sizes.shape(0) != 1 && sizes.shape(0) != L))
-    throw std::invalid_argument("sizes must be [1 or layers, experts] matching loads");
+    mp::fail("sizes must be [1 or layers, experts] matching loads [" + std::to_string(L) + ", " +
+             std::to_string(n) + "]");
   if (previous && (previous->ndim() != 2 || previous->shape(0) != L || previous->shape(1) != n))
-    throw std::invalid_argument("previous must be [layers, experts] matching loads");
-  if (balance != 0 && balance != 1) throw std::invalid_argument("balance must be 0 or 1");
+    mp::fail("previous must be [layers, experts] matching loads [" + std::to_string(L) + ", " +
+             std::to_string(n) + "]");
+  if (balance != 0 && balance != 1)
+    mp::fail("balance=" + std::to_string(balance) + " must be 0 (memory_then_compute) or 1 "
+             "(compute)");
   mp::Options o;
   o.num_ranks = num_ranks;
   o.ranks_per_node = ranks_per_node;
@@ -95,9 +110,13 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
   return out;
 }
 
-std::vector<double> to_vector(const DoubleArray& a) {
-  if (a.ndim() != 1) throw std::invalid_argument("expected a 1-D array");
-  return std::vector<double>(a.data(), a.data() + a.shape(0));
+// Weights of the packing helpers, validated (1-D, num_ranks * per_rank finite values >= 0).
+std::vector<double> packing_weights(const DoubleArray& a, int num_ranks, int per_rank) {
+  if (a.ndim() != 1)
+    mp::fail("weights must be a 1-D array, got " + std::to_string(a.ndim()) + "-D");
+  std::vector<double> w(a.data(), a.data() + a.shape(0));
+  mp::validate_packing(w, num_ranks, per_rank);
+  return w;
 }
 
 }  // namespace
@@ -112,25 +131,19 @@ PYBIND11_MODULE(_planner, m) {
   m.def(
       "cardinality_lower_bound",
       [](DoubleArray w, int num_ranks, int per_rank) {
-        return mp::cardinality_lower_bound(to_vector(w), num_ranks, per_rank);
+        return mp::cardinality_lower_bound(packing_weights(w, num_ranks, per_rank), num_ranks,
+                                           per_rank);
       },
       py::arg("weights"), py::arg("num_ranks"), py::arg("per_rank"),
       "Average / pigeonhole lower bound on max bin sum for R bins of exactly k items.");
   m.def(
       "balanced_packing",
       [](DoubleArray w, int num_ranks, int per_rank) {
-        const std::vector<double> v = to_vector(w);
-        if (num_ranks <= 0 || per_rank <= 0 || static_cast<int>(v.size()) != num_ranks * per_rank)
-          throw std::invalid_argument("need len(weights) == num_ranks * per_rank");
-        return mp::lpt_cardinality(v, num_ranks, per_rank);
+        return mp::lpt_cardinality(packing_weights(w, num_ranks, per_rank), num_ranks, per_rank);
       },
       py::arg("weights"), py::arg("num_ranks"), py::arg("per_rank"),
       "LPT with cardinality (EPLB balanced_packing); bin of each item.");
-  m.def(
-      "detect_pairs",
-      [](DoubleArray sizes) {
-        const mp::PairStructure ps = mp::detect_pairs(to_vector(sizes));
-        return py::make_tuple(ps.found, ps.pair_sum);
-      },
-      py::arg("sizes"), "(found, pair_sum): do sizes form complementary pairs?");
+  // Limits the Python wrapper mirrors (plan.py checks them before converting to C++ ints).
+  m.attr("EXACT_MAX_EXPERTS_CAP") = mp::kExactMaxExpertsCap;
+  m.attr("MAX_SLOTS") = mp::kMaxSlots;
 }

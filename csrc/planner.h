@@ -156,7 +156,11 @@ struct Layer {
     }
     const std::vector<int> rank_of_bin = relabel_bins(c.bin_of, node_of_bin, s, previous, R, g);
     std::vector<int> rank_of_item(n);
-    for (int i = 0; i < n; ++i) rank_of_item[i] = rank_of_bin[c.bin_of[i]];
+    for (int i = 0; i < n; ++i) {
+      assert(c.bin_of[i] >= 0 && c.bin_of[i] < R);
+      rank_of_item[i] = rank_of_bin[c.bin_of[i]];
+      assert(rank_of_item[i] >= 0 && rank_of_item[i] < R);
+    }
     p.compute_per_rank = bin_sums(w, rank_of_item, R);
     p.memory_per_rank = bin_sums(s, rank_of_item, R);
     p.node_inflow.assign(N, 0.0);
@@ -269,6 +273,12 @@ inline std::vector<LayerPlan> solve_batch(const double* sizes, int size_rows, co
                                           const int* previous, int L, int n, const Options& o,
                                           int num_threads) {
   validate_options(n, o);
+  if (L <= 0) fail("loads has no layers: give one row of loads per MoE layer");
+  if (size_rows != 1 && size_rows != L)
+    fail("sizes has " + std::to_string(size_rows) + " rows but there are " + std::to_string(L) +
+         " layers: give one shared row or one row per layer");
+  if (num_threads < 0)
+    fail("num_threads=" + std::to_string(num_threads) + " must be >= 0 (0 = automatic)");
   auto where = [&](int l) { return L > 1 ? "layer " + std::to_string(l) + ": " : std::string(); };
   auto row = [&](int l) { return sizes + static_cast<size_t>(size_rows == 1 ? 0 : l) * n; };
   auto prev = [&](int l) { return previous ? previous + static_cast<size_t>(l) * n : nullptr; };

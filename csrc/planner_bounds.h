@@ -26,7 +26,7 @@ namespace modse_planner {
 inline double cardinality_lower_bound(const std::vector<double>& w, int R, int k,
                                       const std::vector<int>* desc = nullptr) {
   const int n = static_cast<int>(w.size());
-  if (n == 0 || R <= 0 || k <= 0 || n != R * k) return 0.0;
+  if (n == 0 || R <= 0 || k <= 0 || n != static_cast<int64_t>(R) * k) return 0.0;
   std::vector<int> storage;
   const std::vector<int>& order = desc_or(w, desc, storage);
   std::vector<double> a(n);
@@ -58,6 +58,15 @@ inline std::vector<std::vector<int>> class_members(const std::vector<double>& w,
   for (auto it = heavy_first.rbegin(); it != heavy_first.rend(); ++it)
     members[cls[*it]].push_back(*it);
   return members;
+}
+
+// The lightest expert of e's complementary class other than e itself (members: lightest
+// first, as class_members gives them), or -1 when the class has no other member.
+inline int lightest_partner(const std::vector<std::vector<int>>& members,
+                            const std::vector<int>& cls, const std::vector<int>& comp, int e) {
+  for (int x : members[comp[cls[e]]])
+    if (x != e) return x;
+  return -1;
 }
 
 // prefix[j] = cheapest total of j disjoint complementary pairs (j = 0..m), skipping the `skip`
@@ -130,12 +139,7 @@ inline double paired_partner_bound(const std::vector<double>& w,
   for (int i = 0; i < tries; ++i) {
     const int e = heavy_first[i];
     if (w[e] + rest_upper <= lb) break;
-    int f = -1;
-    for (int x : members[comp[cls[e]]])
-      if (x != e) {
-        f = x;
-        break;
-      }
+    const int f = lightest_partner(members, cls, comp, e);
     if (f < 0) continue;  // no partner: cannot happen for a detected pair structure
     const double pairs = cheapest_pairs(w, members, comp, m, 0, e, f)[m];
     if (pairs < std::numeric_limits<double>::infinity()) lb = std::max(lb, w[e] + w[f] + pairs);

@@ -2,21 +2,37 @@
 // validation and the small numeric helpers every algorithm header uses.
 //
 // The planner is torch-free C++17 so it can run inside the trainer, in a CLI, or offline on
-// routing statistics without a GPU stack.  Each algorithm lives in its own header
-// (bounds, heuristic, exact, pairs, hierarchy, relabel) and includes only this one; planner.h
-// composes them and bindings.cpp exposes planner.h to Python.
+// routing statistics without a GPU stack.  One header per algorithm; each includes only what
+// it uses (arrows), all of them this one:
+//   planner_bounds.h        proven lower bounds: cardinality, paired partner / matching
+//   planner_exact.h         closed forms for k = 1 and k = 2, branch and bound
+//   planner_local_search.h  bins with O(1) swaps, exchange moves, heaviest-bin descent
+//   planner_heuristic.h     LPT, balanced differencing, best of starts   <- exact, local_search
+//   planner_pairs.h         complementary pairs: detection, paired starts and descent
+//                                                    <- bounds, exact, heuristic, local_search
+//   planner_resplit.h       three-bin re-splits, the outlier start       <- local_search, pairs
+//   planner_replicas.h      redundant copies: counts, placement          <- heuristic, pairs
+//   planner_hierarchy.h     node inflow balance                          <- bounds, heuristic
+//   planner_relabel.h       which physical rank each bin lands on (fewest bytes moved)
+// planner.h composes them per layer and per batch (worker threads); bindings.cpp exposes
+// planner.h to Python.
 //
 // Vocabulary used throughout:
 //   expert e   : s[e] = size (parameter count or FFN width), t[e] = measured token load,
 //                w[e] = t[e] * s[e] = compute the expert costs its rank.
-//   bin        : an unlabelled group of exactly k experts; a plan is a partition into R bins.
+//   bin        : an unlabelled group of exactly k items; a plan is a partition into R bins.
 //                Which physical rank a bin lands on is decided last (relabel.h), because
 //                permuting bins changes no quality measure, only the bytes moved.
 //   item       : what an algorithm packs — an expert, a copy of an expert (with replicas,
 //                replicas.h), or a complementary pair of them.
+//
+// Index checks: hot loops index bins and slots with plain ints; `assert`s guard them in debug
+// and sanitizer builds (MODSE_SANITIZE=1, see setup.py) and cost nothing with NDEBUG.
 #pragma once
 
 #include <algorithm>
+#include <cassert>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -45,11 +61,22 @@ enum class Method : int {
   kPrevious = 4,          // descent from the previous placement: as good, fewer bytes moved
 };
 
+// Largest exact_max_experts accepted.  Branch and bound (planner_exact.h) recurses once per
+// item (expert, or copy with replicas) on a worker thread, whose stack can be small (512 KB
+// for secondary threads on macOS); 256 frames of a few hundred bytes stay far below that, even
+// in a sanitizer build.  Larger values would buy nothing anyway: exact_node_budget stops the
+// search long before it can enumerate layers that big.
+constexpr int kExactMaxExpertsCap = 256;
+
+// Most physical slots (experts + replicas) per layer.  Keeps every int product of sizes in
+// range (e.g. max_iters = 2 * n + 64); a layer this large would not fit in memory anyway.
+constexpr int64_t kMaxSlots = int64_t{1} << 28;
+
 struct Options {
   int num_ranks = 1;
   int ranks_per_node = 0;  // 0 = all ranks on one node (no hierarchy)
   Balance balance = Balance::kMemoryThenCompute;
-  int exact_max_experts = 16;          // run branch and bound when n <= this
+  int exact_max_experts = 16;          // run branch and bound when n <= this (<= the cap above)
   int64_t exact_node_budget = 400000;  // nodes before branch and bound gives up (not a proof)
   double bytes_per_param = 1.0;        // moved_bytes = sum of sizes * bytes_per_param
   double move_slack = 0.0;             // accept a plan this much (relative) worse to move less
@@ -95,6 +122,10 @@ inline void validate_options(int n, const Options& o) {
     fail("num_replicas=" + std::to_string(o.num_replicas) + " exceeds num_experts*(num_ranks-1)=" +
          std::to_string(most) + ": an expert has at most one copy per rank");
   const int64_t slots = static_cast<int64_t>(n) + o.num_replicas;
+  if (slots > kMaxSlots)
+    fail("num_experts=" + std::to_string(n) + " + num_replicas=" + std::to_string(o.num_replicas) +
+         " = " + std::to_string(slots) + " slots exceeds the planner's limit of " +
+         std::to_string(kMaxSlots) + " per layer: plan fewer experts per call");
   if (slots % o.num_ranks != 0)
     fail(o.num_replicas == 0
              ? "num_experts=" + std::to_string(n) + " is not divisible by num_ranks=" +
@@ -107,9 +138,34 @@ inline void validate_options(int n, const Options& o) {
     fail("ranks_per_node=" + std::to_string(o.ranks_per_node) + " does not divide num_ranks=" +
          std::to_string(o.num_ranks) + ": use a divisor of num_ranks (GPUs per node)");
   if (!(o.bytes_per_param > 0.0) || !std::isfinite(o.bytes_per_param))
-    fail("bytes_per_param must be a positive finite number");
+    fail("bytes_per_param=" + num_str(o.bytes_per_param) + " must be a positive finite number");
   if (!(o.move_slack >= 0.0) || !std::isfinite(o.move_slack))
-    fail("move_slack must be a finite number >= 0");
+    fail("move_slack=" + num_str(o.move_slack) + " must be a finite number >= 0");
+  if (o.exact_max_experts < 0 || o.exact_max_experts > kExactMaxExpertsCap)
+    fail("exact_max_experts=" + std::to_string(o.exact_max_experts) + " must be in [0, " +
+         std::to_string(kExactMaxExpertsCap) + "]: branch and bound recurses once per expert, " +
+         "and larger layers exhaust exact_node_budget first");
+  if (o.exact_node_budget < 0)
+    fail("exact_node_budget=" + std::to_string(o.exact_node_budget) + " must be >= 0");
+  if (!(o.good_enough >= 0.0) || !std::isfinite(o.good_enough))
+    fail("good_enough=" + num_str(o.good_enough) + " must be a finite number >= 0");
+}
+
+// Weights for the packing helpers (cardinality_lower_bound, lpt_cardinality): exactly
+// num_ranks * per_rank finite, non-negative numbers.
+inline void validate_packing(const std::vector<double>& w, int num_ranks, int per_rank) {
+  if (num_ranks <= 0)
+    fail("num_ranks=" + std::to_string(num_ranks) + " must be a positive integer");
+  if (per_rank <= 0) fail("per_rank=" + std::to_string(per_rank) + " must be a positive integer");
+  if (w.empty()) fail("weights is empty: give num_ranks * per_rank weights");
+  const int64_t want = static_cast<int64_t>(num_ranks) * per_rank;
+  if (static_cast<int64_t>(w.size()) != want)
+    fail("len(weights)=" + std::to_string(w.size()) + " but num_ranks * per_rank=" +
+         std::to_string(want) + ": give exactly per_rank weights for every rank");
+  for (size_t i = 0; i < w.size(); ++i)
+    if (!std::isfinite(w[i]) || w[i] < 0.0)
+      fail("weights[" + std::to_string(i) + "]=" + num_str(w[i]) +
+           " is invalid: weights must be finite numbers >= 0");
 }
 
 inline void validate_layer(const double* sizes, const double* loads, const int* previous, int n,
@@ -159,13 +215,29 @@ inline const std::vector<int>& desc_or(const std::vector<double>& w, const std::
 
 inline std::vector<double> bin_sums(const std::vector<double>& w, const std::vector<int>& bin_of,
                                     int num_bins) {
+  assert(bin_of.size() == w.size());
   std::vector<double> s(num_bins, 0.0);
-  for (size_t i = 0; i < w.size(); ++i) s[bin_of[i]] += w[i];
+  for (size_t i = 0; i < w.size(); ++i) {
+    assert(bin_of[i] >= 0 && bin_of[i] < num_bins);
+    s[bin_of[i]] += w[i];
+  }
   return s;
 }
 
 inline double max_of(const std::vector<double>& v) {
   return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end());
+}
+
+// Sizes match up as complementary pairs — sorted ascending, s[i] + s[m-1-i] == pair_sum for
+// every i (to 1e-9 relative) — the one test behind pair detection, a bin's validity in paired
+// mode and the paired moves and branch and bound.  An odd count never pairs up.
+inline bool pairs_up(const std::vector<double>& sorted_sizes, double pair_sum) {
+  const size_t m = sorted_sizes.size();
+  if (m % 2 != 0) return false;
+  const double tol = 1e-9 * pair_sum;
+  for (size_t i = 0; i < m / 2; ++i)
+    if (std::fabs(sorted_sizes[i] + sorted_sizes[m - 1 - i] - pair_sum) > tol) return false;
+  return true;
 }
 
 inline bool counts_are(const std::vector<int>& bin_of, int num_bins, int per_bin) {

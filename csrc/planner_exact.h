@@ -98,9 +98,7 @@ struct BranchAndBound {
     std::vector<double> s(k);
     for (int j = 0; j < k; ++j) s[j] = ss[members[static_cast<size_t>(r) * k + j]];
     std::sort(s.begin(), s.end());
-    for (int j = 0; j < k / 2; ++j)
-      if (std::fabs(s[j] + s[k - 1 - j] - pair_sum) > size_tol) return false;
-    return true;
+    return pairs_up(s, pair_sum);
   }
 
   bool bin_has_expert(int r, int i) const {
@@ -143,6 +141,7 @@ struct BranchAndBound {
                     (!only_empty_alike || count[q] == 0);
       if (duplicate) continue;
       const double saved_load = load[r], saved_mem = mem[r];  // restore exactly, no drift
+      assert(count[r] < k);
       members[static_cast<size_t>(r) * k + count[r]] = i;
       ++count[r];
       load[r] += wi;

@@ -33,8 +33,10 @@ struct Bins {
       : R(R_), k(k_), items(static_cast<size_t>(R_) * k_, -1), bin_of(assignment),
         slot_of(assignment.size(), 0), load(R_, 0.0) {
     std::vector<int> fill(R, 0);
+    assert(assignment.size() == w.size() && assignment.size() == items.size());
     for (size_t i = 0; i < assignment.size(); ++i) {
       const int b = assignment[i];
+      assert(b >= 0 && b < R && fill[b] < k);  // exactly k items per bin
       slot_of[i] = fill[b];
       items[static_cast<size_t>(b) * k + fill[b]++] = static_cast<int>(i);
       load[b] += w[i];
@@ -46,7 +48,11 @@ struct Bins {
   }
 
   void swap_items(int a, int b, const std::vector<double>& w) {
+    assert(a >= 0 && a < static_cast<int>(bin_of.size()));
+    assert(b >= 0 && b < static_cast<int>(bin_of.size()));
     const int ba = bin_of[a], bb = bin_of[b];
+    assert(items[static_cast<size_t>(ba) * k + slot_of[a]] == a);
+    assert(items[static_cast<size_t>(bb) * k + slot_of[b]] == b);
     const double d = w[a] - w[b];
     load[ba] -= d;
     load[bb] += d;
@@ -60,6 +66,7 @@ struct Bins {
 // Replicas: does bin r hold a copy of `expert` other than the items skip1, skip2?
 inline bool holds(const Bins& bins, int r, int expert, const std::vector<int>& expert_of,
                   int skip1 = -1, int skip2 = -1) {
+  assert(r >= 0 && r < bins.R);
   const int* row = &bins.items[static_cast<size_t>(r) * bins.k];
   for (int i = 0; i < bins.k; ++i)
     if (row[i] != skip1 && row[i] != skip2 && expert_of[row[i]] == expert) return true;
@@ -202,6 +209,7 @@ template <class SingleOk, class DoubleOk>
 void scan_exchanges(const std::vector<double>& w, const Bins& bins, int h, int r, BestMove& mv,
                     int level, SingleOk&& single_ok, DoubleOk&& double_ok) {
   const int k = bins.k;
+  assert(h >= 0 && h < bins.R && r >= 0 && r < bins.R && h != r);
   const int* x = &bins.items[static_cast<size_t>(h) * k];
   const int* y = &bins.items[static_cast<size_t>(r) * k];
   if (level == 0) {

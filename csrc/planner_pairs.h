@@ -33,10 +33,11 @@ inline PairStructure detect_pairs(const std::vector<double>& s) {
   if (n < 2 || n % 2 != 0) return ps;
   const std::vector<int> asc = order_by(s, false);
   ps.by_size = asc;
-  const double C = s[asc[0]] + s[asc[n - 1]];
+  std::vector<double> sorted(n);
+  for (int i = 0; i < n; ++i) sorted[i] = s[asc[i]];
+  const double C = sorted[0] + sorted[n - 1];
+  if (!pairs_up(sorted, C)) return ps;
   const double tol = 1e-9 * C;
-  for (int i = 0; i < n / 2; ++i)
-    if (std::fabs(s[asc[i]] + s[asc[n - 1 - i]] - C) > tol) return ps;
   ps.cls.assign(n, 0);
   double representative = s[asc[0]];
   for (int i = 0; i < n; ++i) {
@@ -62,8 +63,7 @@ inline bool bins_are_pairs(const std::vector<double>& s, const std::vector<int>&
   for (size_t e = 0; e < s.size(); ++e) per_bin[bin_of[e]].push_back(s[e]);
   for (auto& v : per_bin) {
     std::sort(v.begin(), v.end());
-    for (int j = 0; j < k / 2; ++j)
-      if (std::fabs(v[j] + v[k - 1 - j] - pair_sum) > 1e-9 * pair_sum) return false;
+    if (!pairs_up(v, pair_sum)) return false;
   }
   return true;
 }
@@ -136,7 +136,7 @@ inline double paired_descent(const std::vector<double>& w, const std::vector<dou
                              const PairStructure& ps, Bins& bins, double target, int max_iters,
                              const std::vector<int>* expert_of = nullptr) {
   const int R = bins.R, k = bins.k;
-  const double tol = 1e-9 * ps.pair_sum;
+  const double tol = 1e-9 * ps.pair_sum;  // sizes of the two sides of a double match
   struct Pair {
     int a, b;
     double w;
@@ -158,9 +158,7 @@ inline double paired_descent(const std::vector<double>& w, const std::vector<dou
     for (int i = 0; i < k; ++i)
       buf[i] = row[i] == out1 ? s[in1] : row[i] == out2 ? s[in2] : s[row[i]];
     std::sort(buf.begin(), buf.end());
-    for (int i = 0; i < k / 2; ++i)
-      if (std::fabs(buf[i] + buf[k - 1 - i] - ps.pair_sum) > tol) return false;
-    return true;
+    return pairs_up(buf, ps.pair_sum);
   };
   auto same_class = [&](int x, int y) {
     return ps.cls[x] == ps.cls[y] && distinct_after_swap(bins, expert_of, x, y);

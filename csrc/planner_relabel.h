@@ -65,14 +65,16 @@ inline std::vector<int> max_weight_assignment(const std::vector<double>& value, 
 
 // Greedy for large m: take the largest kept-bytes entries first; leftovers in index order.
 inline std::vector<int> greedy_assignment(const std::vector<double>& value, int m) {
-  std::vector<std::pair<double, int>> entries;
-  for (int x = 0; x < m * m; ++x)
+  std::vector<std::pair<double, int64_t>> entries;
+  const int64_t cells = static_cast<int64_t>(m) * m;
+  assert(static_cast<int64_t>(value.size()) == cells);
+  for (int64_t x = 0; x < cells; ++x)
     if (value[x] > 0.0) entries.emplace_back(-value[x], x);
   std::sort(entries.begin(), entries.end());
   std::vector<int> col_of_row(m, -1);
   std::vector<char> col_used(m, 0);
   for (const auto& [neg, x] : entries) {
-    const int row = x / m, col = x % m;
+    const int row = static_cast<int>(x / m), col = static_cast<int>(x % m);
     if (col_of_row[row] < 0 && !col_used[col]) {
       col_of_row[row] = col;
       col_used[col] = 1;
@@ -103,8 +105,10 @@ inline std::vector<int> relabel_bins(const std::vector<int>& bin_of,
   std::vector<std::vector<int>> group_bins(N);
   for (int b = 0; b < R; ++b) group_bins[node_of_bin[b]].push_back(b);
   std::vector<int> slot_of_bin(R, 0);
-  for (int q = 0; q < N; ++q)
+  for (int q = 0; q < N; ++q) {
+    assert(static_cast<int>(group_bins[q].size()) == g);  // every node group holds g bins
     for (int j = 0; j < g; ++j) slot_of_bin[group_bins[q][j]] = j;
+  }
 
   std::vector<int> node_of_group(N), rank_of_bin(R);
   if (!previous) {

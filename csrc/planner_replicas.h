@@ -389,6 +389,7 @@ inline std::vector<int> slot_experts(const std::vector<int>& rank_of_item,
   std::vector<int> slots(S), fill(R, 0);
   for (int i = 0; i < S; ++i) {
     const int r = rank_of_item[i];
+    assert(r >= 0 && r < R && fill[r] < k);  // exactly k slots per rank
     slots[static_cast<size_t>(r) * k + fill[r]++] = expert_of ? (*expert_of)[i] : i;
   }
   return slots;

@@ -254,12 +254,7 @@ inline bool paired_outlier_plan(const std::vector<double>& w, const std::vector<
       if (out[e] < 0) live.push_back(e);
     const int e = live.front();
     const auto members = class_members(w, ps.cls, ps.num_classes, live);
-    int f = -1;
-    for (int x : members[ps.comp[ps.cls[e]]])
-      if (x != e) {
-        f = x;
-        break;
-      }
+    const int f = lightest_partner(members, ps.cls, ps.comp, e);
     if (f < 0) break;
     pairs.clear();
     const double rest = cheapest_pairs(w, members, ps.comp, m - 1, 0, e, f, &pairs)[m - 1];

@@ -9,6 +9,9 @@ Every field carries ``metadata={"help": ...}``: the pretraining CLI generates it
 them (``moe_expert_size_ratios`` -> ``--moe-expert-size-ratios``), so a new option is one field.
 
 This module is pure Python (no torch, no megatron): the CLI imports it to build its parser.
+It is also the one definition of the option choices (router types, routing granularities,
+expert implementations) that ``moe/router.py`` and ``moe/experts.py`` import; placement
+parsing and policies live in ``modse_megatron.placement`` (torch-free too).
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from .placement.layout import placement_ranks
+from .placement.sizes import parse_ratio_pairs
+
 #: Named expert-size layouts. "paper8" is the 8-expert layout of MoDSE (arXiv 2409.12210):
 #: four complementary pairs, so every pair (and every EP rank holding whole pairs) has the
 #: same parameter count.
@@ -25,10 +31,16 @@ PRESETS: dict[str, str | None] = {
     "paper8": "4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5",
     "uniform": None,
 }
+#: ``moe_router_type`` (``MoDSERouter``'s ``router_type``).
 ROUTER_TYPES = ("learned", "frozen", "random")
+#: ``moe_routing_granularity`` (``MoDSERouter``'s ``granularity``).
 ROUTING_GRANULARITIES = ("token", "sequence")
-EXPERTS_IMPLS = ("auto", "loop", "grouped", "te")
-PLACEMENT_MODES = ("auto", "pairs", "contiguous")
+#: Expert implementations that run on any device, CPU included (``MoDSEExperts``' ``impl``).
+EXPERTS_IMPLS_ANY_DEVICE = ("loop", "grouped")
+#: Every implementation ``MoDSEExperts`` builds: ``te`` needs a GPU and TransformerEngine.
+EXPERTS_IMPLS_BUILT = (*EXPERTS_IMPLS_ANY_DEVICE, "te")
+#: ``moe_experts_impl``: ``auto`` picks one of the others (``moe/layer.py``).
+EXPERTS_IMPLS = ("auto", *EXPERTS_IMPLS_BUILT)
 
 #: FP8 GEMMs (TransformerEngine) need every GEMM dimension divisible by 16.
 FP8_WIDTH_ALIGNMENT = 16
@@ -62,9 +74,10 @@ class MoDSEConfig:
         default="auto",
         metadata={"help": "Expert->EP-rank placement: auto (planner), pairs, contiguous, or a comma list of ranks per expert."},
     )
-    """``auto`` = the placement planner when it is importable, else ``pairs``; ``pairs`` =
-    sort by width and pair largest with smallest so every rank holds equal parameters;
-    ``contiguous`` = megatron's default blocks; or ``"0,1,1,0"`` = the rank of every expert."""
+    """``auto`` = the C++ placement planner (``modse_megatron.placement``; validation stops with
+    one line naming the fix when it is not built); ``pairs`` = sort by width and pair largest
+    with smallest so every rank holds equal parameters; ``contiguous`` = megatron's default
+    blocks; or ``"0,1,1,0"`` = the rank of every expert (``placement.layout``)."""
 
     moe_router_type: str = field(
         default="learned",
@@ -125,6 +138,12 @@ class MoDSEConfig:
         widths = self.expert_widths(transformer_config)
         ep = transformer_config.expert_model_parallel_size
         placement_ranks(self.moe_expert_placement, len(widths), ep)  # raises on a bad list
+        if self.moe_expert_placement == "auto" and ep > 1:  # the planner places the experts
+            from .placement import planner_unavailable_reason
+
+            reason = planner_unavailable_reason()
+            if reason is not None:
+                raise ValueError(f"moe_expert_placement=auto: {reason} (or choose pairs)")
 
     def expert_widths(self, transformer_config: Any) -> list[int]:
         """Resolve the size spec to one FFN width per logical expert.
@@ -179,26 +198,6 @@ def _as_width(index: int, width: Any) -> int:
     return width
 
 
-def parse_ratio_pairs(text: str) -> list[tuple[Fraction, Fraction]]:
-    """``"4.5:0.5,4:1"`` -> exact fractions ``[(9/2, 1/2), (4, 1)]`` (exact, so scaled widths
-    are integers exactly when they should be)."""
-    pairs = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 2:
-            raise ValueError(
-                f"ratio {item.strip()!r} is not a pair a:b: write pairs like 4.5:0.5,4.0:1.0"
-            )
-        try:
-            a, b = Fraction(parts[0].strip()), Fraction(parts[1].strip())
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"ratio {item.strip()!r} has a non-number: write pairs like 4.5:0.5") from None
-        if a <= 0 or b <= 0:
-            raise ValueError(f"ratio {item.strip()!r} has a non-positive part: every expert needs a width > 0")
-        pairs.append((a, b))
-    return pairs
-
-
 def _scaled_ratio_widths(ratios: str, num_experts: int, ffn: int) -> list[int]:
     pairs = parse_ratio_pairs(ratios)
     per_pattern = 2 * len(pairs)
@@ -233,42 +232,6 @@ def _check_divisible(widths: list[int], transformer_config: Any) -> None:
             )
 
 
-def placement_ranks(spec: str, num_experts: int, ep_size: int) -> list[int] | None:
-    """Parse an explicit placement (``"0,1,1,0"``: rank of each expert); None for named modes.
-
-    Megatron's dispatchers need exactly ``num_experts / ep_size`` experts per rank.
-    """
-    if spec in PLACEMENT_MODES:
-        return None
-    try:
-        ranks = [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"moe_expert_placement={spec!r} is not valid: use auto, pairs, contiguous or a comma "
-            "list with the EP rank of every expert"
-        ) from None
-    if len(ranks) != num_experts:
-        raise ValueError(
-            f"moe_expert_placement lists {len(ranks)} ranks but there are {num_experts} experts: "
-            "give one EP rank per expert"
-        )
-    if num_experts % ep_size:
-        raise ValueError(
-            f"num_moe_experts={num_experts} is not divisible by expert_model_parallel_size="
-            f"{ep_size}: choose an EP size that divides the expert count"
-        )
-    if any(not 0 <= r < ep_size for r in ranks):
-        raise ValueError(f"moe_expert_placement has a rank outside 0..{ep_size - 1}: use EP ranks only")
-    per_rank = num_experts // ep_size
-    for r in range(ep_size):
-        if ranks.count(r) != per_rank:
-            raise ValueError(
-                f"moe_expert_placement puts {ranks.count(r)} experts on EP rank {r}, not "
-                f"{per_rank}: every rank of {ep_size} must hold {per_rank} experts"
-            )
-    return ranks
-
-
 def config_fields() -> list[dataclasses.Field]:
     """The option fields (for CLI generation): name, type, default and ``metadata['help']``."""
     return list(dataclasses.fields(MoDSEConfig))
@@ -276,12 +239,11 @@ def config_fields() -> list[dataclasses.Field]:
 
 __all__ = [
     "EXPERTS_IMPLS",
+    "EXPERTS_IMPLS_ANY_DEVICE",
+    "EXPERTS_IMPLS_BUILT",
     "MoDSEConfig",
-    "PLACEMENT_MODES",
     "PRESETS",
     "ROUTER_TYPES",
     "ROUTING_GRANULARITIES",
     "config_fields",
-    "parse_ratio_pairs",
-    "placement_ranks",
 ]

@@ -46,11 +46,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..config import EXPERTS_IMPLS_ANY_DEVICE as IMPLS, EXPERTS_IMPLS_BUILT as ALL_IMPLS
 from . import te_experts
-
-#: Implementations that run on any device (CPU included); ``te`` needs a GPU with TE.
-IMPLS = ("loop", "grouped")
-ALL_IMPLS = (*IMPLS, te_experts.TE_IMPL)
 
 
 class _Linear(nn.Module):

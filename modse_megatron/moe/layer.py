@@ -3,7 +3,7 @@
 Nothing of ``MoELayer``'s forward, dispatchers or aux-loss plumbing is forked. The subclass
 only decides, before megatron builds anything, *what* it builds:
 
-* the expert widths (``MoDSEConfig.expert_widths``) and a placement (``moe.placement``),
+* the expert widths (``MoDSEConfig.expert_widths``) and a placement (``placement.layout``),
   realised as the physical slot order ``slot_to_logical`` (slots ``[r*L, (r+1)*L)`` live on
   EP rank r, exactly as megatron's dispatchers expect);
 * the router: ``MoDSERouter`` (rows in slot order, checkpointed in logical order,
@@ -28,9 +28,9 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config import MoDSEConfig
+from ..placement.layout import check_slot_order, resolve_ranks, slot_order
 from . import te_experts
 from .experts import MoDSEExperts
-from .placement import check_slot_order, resolve_ranks, slot_order
 from .router import MoDSERouter
 
 

@@ -74,8 +74,8 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-ROUTER_TYPES = ("learned", "frozen", "random")
-GRANULARITIES = ("token", "sequence")
+from ..config import ROUTER_TYPES, ROUTING_GRANULARITIES as GRANULARITIES
+
 DEFAULT_RANDOM_ROUTER_SEED = 20240918  # MoDSE's arXiv date; any fixed value shared by all ranks
 
 

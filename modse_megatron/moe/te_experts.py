@@ -47,7 +47,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-TE_IMPL = "te"
+from ..config import EXPERTS_IMPLS_BUILT
+
+TE_IMPL = EXPERTS_IMPLS_BUILT[-1]  # "te": the one spelling lives in config.py
 _GPU_EXTRA = "pip install 'modse-megatron[gpu]'"
 
 

@@ -1,4 +1,6 @@
-"""Type stub for the C++ planner extension (csrc/bindings.cpp); use plan.py's wrappers."""
+"""Type stub for the C++ planner extension (csrc/bindings.cpp); use plan.py's wrappers.
+
+Every function validates its input and raises ValueError (one line naming the argument)."""
 from typing import TypedDict
 
 import numpy as np
@@ -35,4 +37,6 @@ def plan_batch(
 ) -> _BatchResult: ...
 def cardinality_lower_bound(weights: npt.ArrayLike, num_ranks: int, per_rank: int) -> float: ...
 def balanced_packing(weights: npt.ArrayLike, num_ranks: int, per_rank: int) -> list[int]: ...
-def detect_pairs(sizes: npt.ArrayLike) -> tuple[bool, float]: ...
+
+EXACT_MAX_EXPERTS_CAP: int  # largest exact_max_experts accepted (options.py mirrors it)
+MAX_SLOTS: int  # most experts + replicas per layer (options.py mirrors it)

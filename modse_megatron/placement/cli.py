@@ -22,15 +22,12 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
-from .plan import (
-    BALANCE_MODES,
-    BatchPlacementPlan,
-    PlacementPlan,
-    plan_placement_batch,
-    widths_from_ratios,
-)
+from .options import BALANCE_MODES, PlanOptions
+from .plan import BatchPlacementPlan, PlacementPlan, plan_placement_batch
+from .sizes import widths_from_ratios
 
 PROG = "modse-plan"
+DEFAULTS = PlanOptions()  # the flags' defaults are the API's
 # With replicas these methods place the chosen copies optimally; `optimal` asks more (every
 # choice of copy counts), so the table says which of the two is proven.
 EXACT_FOR_COPIES = ("one-expert-per-rank", "branch-and-bound")
@@ -109,21 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks-per-node", type=int, metavar="G",
                    help="GPUs per node; must divide R (enables node inflow balancing)")
     p.add_argument(
-        "--replicas", type=int, default=0, metavar="N",
+        "--replicas", type=int, default=DEFAULTS.num_replicas, metavar="N",
         help="extra expert slots holding copies of the busiest experts (DeepSeek EPLB's "
         "redundant experts); experts + N must be a multiple of R, N even when complementary "
-        "pairs are kept together (default 0)",
+        f"pairs are kept together (default {DEFAULTS.num_replicas})",
     )
     p.add_argument("--previous", metavar="r,r,...",
                    help="current rank of every expert (plans that move less win ties)")
-    p.add_argument("--balance", choices=BALANCE_MODES, default=BALANCE_MODES[0],
-                   help="memory_then_compute (default): keep complementary pairs together "
-                   "when possible; compute: ignore memory, minimise max compute")
-    p.add_argument("--bytes-per-param", type=float, default=1.0, metavar="B",
-                   help="bytes per unit of size, for moved bytes (default 1)")
+    p.add_argument("--balance", choices=BALANCE_MODES, default=DEFAULTS.balance,
+                   help="memory_then_compute: keep complementary pairs together when possible; "
+                   f"compute: ignore memory, minimise max compute (default {DEFAULTS.balance})")
+    p.add_argument("--bytes-per-param", type=float, default=DEFAULTS.bytes_per_param,
+                   metavar="B", help="bytes per unit of size, for moved bytes "
+                   f"(default {DEFAULTS.bytes_per_param:g})")
     p.add_argument(
-        "--move-slack", type=float, default=0.0, metavar="X",
-        help="accept up to this fraction more max compute to move fewer bytes (default 0)",
+        "--move-slack", type=float, default=DEFAULTS.move_slack, metavar="X",
+        help="accept up to this fraction more max compute to move fewer bytes "
+        f"(default {DEFAULTS.move_slack:g})",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--details", action="store_true", help="rank tables for every layer")
@@ -177,11 +176,10 @@ def _plan(args: argparse.Namespace) -> tuple[list[float], BatchPlacementPlan]:
     else:
         loads = None
     previous = None if args.previous is None else _ints(args.previous, "--previous")
-    batch = plan_placement_batch(
-        sizes, loads, args.ranks, args.ranks_per_node, previous, balance=args.balance,
-        bytes_per_param=args.bytes_per_param, move_slack=args.move_slack,
-        num_replicas=args.replicas,
-    )
+    options = PlanOptions(balance=args.balance, bytes_per_param=args.bytes_per_param,
+                          move_slack=args.move_slack, num_replicas=args.replicas)
+    batch = plan_placement_batch(sizes, loads, args.ranks, args.ranks_per_node, previous,
+                                 options=options)
     return sizes, batch
 
 
@@ -254,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sizes, batch = _plan(args)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # bad input, or the C++ planner is not built
         _fail(str(exc))
     if args.json:
         # One layer: the plan itself; many: {"sizes", "layers": [plan, ...]}.

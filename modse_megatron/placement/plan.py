@@ -45,26 +45,23 @@ Previous placements: the planner also descends from ``previous`` and relabels ra
 maximum-weight assignment of new rank contents to old ranks, per node first), so re-planning
 with unchanged loads moves nothing.
 
-Nothing here imports torch; the C++ core is compiled once by ``pip install``.
+Options (``balance``, ``move_slack``, ``num_replicas``, ...) are the fields of ``PlanOptions``
+(options.py): pass ``options=PlanOptions(...)``, or any field as a keyword argument.
+
+Nothing here imports torch; the C++ core is compiled once by ``pip install`` and imported on
+first use, so this module (and ``MoDSEConfig``, which imports the placement package) loads
+even where it is not built; planning there raises one line saying how to build it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-try:
-    from . import _planner
-except ImportError as exc:  # pragma: no cover - depends on the build
-    raise ImportError(
-        "modse_megatron.placement._planner is not built: run `pip install -e .` or "
-        "`python setup.py build_ext --inplace` in the repository root"
-    ) from exc
+from .options import BALANCE_MODES, MAX_SLOTS, PlanOptions, resolve_options
 
-Balance = Literal["memory_then_compute", "compute"]
-BALANCE_MODES: tuple[str, ...] = ("memory_then_compute", "compute")
 METHODS: tuple[str, ...] = (
     "one-expert-per-rank",  # k = 1, exact
     "exact-pairing",  # k = 2, exact
@@ -198,48 +195,39 @@ class BatchPlacementPlan:
         )
 
 
-# ----------------------------------------------------------------------------- sizes helpers
+# ----------------------------------------------------------------------------- the C++ core
+
+_PLANNER: ModuleType | None = None
 
 
-def parse_ratios(text: str) -> list[tuple[float, float]]:
-    """Parse ``"4.5:0.5,4.0:1.0"`` into ``[(4.5, 0.5), (4.0, 1.0)]`` (same parser and errors as
-    ``MoDSEConfig``'s ``moe_expert_size_ratios``)."""
-    from modse_megatron.config import parse_ratio_pairs
+def _import_planner() -> ModuleType:
+    from . import _planner
 
-    return [(float(a), float(b)) for a, b in parse_ratio_pairs(text)]
+    return _planner
 
 
-def widths_from_ratios(
-    ratios: str | Sequence[tuple[float, float]], unit: int, repeat: int = 1
-) -> list[int]:
-    """Expert widths of MoDSE pairs: each ``a:b`` is two experts of widths ``a*unit``, ``b*unit``.
+def _native() -> ModuleType:
+    """The compiled planner (imported once); ImportError with the fix when it is unusable."""
+    global _PLANNER
+    if _PLANNER is None:
+        try:
+            _PLANNER = _import_planner()
+        except ImportError as exc:
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            raise ImportError(
+                f"the C++ placement planner (modse_megatron.placement._planner) cannot be "
+                f"imported ({why}): build it with `pip install -e .` in the repository root"
+            ) from None
+    return _PLANNER
 
-    ``widths_from_ratios("4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5", 256)`` ->
-    ``[1152, 128, 1024, 256, 768, 512, 640, 640]``; ``repeat`` repeats the whole list (e.g. 64
-    experts from the 4 pairs with ``repeat=8``).  Widths must come out as positive integers.
-    """
-    pairs = parse_ratios(ratios) if isinstance(ratios, str) else [tuple(p) for p in ratios]
-    if isinstance(unit, bool) or not isinstance(unit, (int, np.integer)) or unit <= 0:
-        raise ValueError(f"unit={unit!r} must be a positive integer width (e.g. 256)")
-    if isinstance(repeat, bool) or not isinstance(repeat, (int, np.integer)) or repeat <= 0:
-        raise ValueError(f"repeat={repeat!r} must be a positive integer")
-    widths: list[int] = []
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"ratio {pair!r} is not a pair (a, b)")
-        for r in pair:
-            x = float(r) * unit
-            if not math.isfinite(x) or x <= 0:
-                raise ValueError(f"ratio {r} gives width {x}: ratios must be positive numbers")
-            if abs(x - round(x)) > 1e-9 * max(1.0, abs(x)):
-                raise ValueError(
-                    f"ratio {r} x unit {unit} = {x:g} is not an integer width: "
-                    f"choose a unit that makes every ratio*unit whole"
-                )
-            widths.append(int(round(x)))
-    if not widths:
-        raise ValueError("no ratios given: write pairs like 4.5:0.5,4.0:1.0")
-    return widths * int(repeat)
+
+def planner_unavailable_reason() -> str | None:
+    """None when the C++ planner imports, else one line saying why and how to fix it."""
+    try:
+        _native()
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -282,12 +270,11 @@ def _check_values(name: str, a: np.ndarray, positive: bool) -> None:
 
 def _validate(
     sizes: np.ndarray, loads: np.ndarray, num_ranks: Any, ranks_per_node: Any,
-    previous: np.ndarray | None, balance: str, bytes_per_param: float, move_slack: float,
-    num_replicas: Any,
-) -> tuple[int, int, int]:
-    """Checks everything the C++ core checks, with messages naming the fix, except that an odd
-    ``num_replicas`` with complementary sizes is left to the core (it detects the pairs);
-    returns (R, g, num_replicas)."""
+    previous: np.ndarray | None, options: PlanOptions,
+) -> tuple[int, int]:
+    """Checks everything the C++ core checks about the arrays and ranks (``PlanOptions`` checks
+    itself), with messages naming the fix, except that an odd ``num_replicas`` with
+    complementary sizes is left to the core (it detects the pairs); returns (R, g)."""
     if num_ranks is None:
         raise ValueError("num_ranks is required: the number of expert-parallel ranks")
     R = _positive_int("num_ranks", num_ranks)
@@ -299,14 +286,18 @@ def _validate(
             f"loads has {loads.shape[-1]} entries per layer but sizes has {n}: "
             f"give one load per expert"
         )
-    X = num_replicas
-    if isinstance(X, bool) or not isinstance(X, (int, np.integer)) or X < 0:
-        raise ValueError(f"num_replicas={X!r} must be an integer >= 0")
-    X = int(X)
+    if loads.shape[0] == 0:
+        raise ValueError("loads has no layers: give one row of loads per MoE layer")
+    X = options.num_replicas
     if X > n * (R - 1):
         raise ValueError(
             f"num_replicas={X} exceeds num_experts*(num_ranks-1)={n * (R - 1)}: "
             f"an expert has at most one copy per rank"
+        )
+    if n + X > MAX_SLOTS:
+        raise ValueError(
+            f"num_experts={n} + num_replicas={X} = {n + X} slots exceeds the planner's limit of "
+            f"{MAX_SLOTS} per layer: plan fewer experts per call"
         )
     if X == 0 and n % R:
         raise ValueError(
@@ -331,13 +322,6 @@ def _validate(
         )
     _check_values("sizes", sizes, positive=True)
     _check_values("loads", loads, positive=False)
-    if balance not in BALANCE_MODES:
-        raise ValueError(f"balance={balance!r} is unknown: use one of {', '.join(BALANCE_MODES)}")
-    if not (isinstance(bytes_per_param, (int, float)) and math.isfinite(bytes_per_param)
-            and bytes_per_param > 0):
-        raise ValueError(f"bytes_per_param={bytes_per_param!r} must be a positive number")
-    if not (isinstance(move_slack, (int, float)) and math.isfinite(move_slack) and move_slack >= 0):
-        raise ValueError(f"move_slack={move_slack!r} must be a number >= 0")
     if previous is not None:
         if previous.shape[-1] != n:
             raise ValueError(
@@ -353,26 +337,16 @@ def _validate(
                 f"{_where('previous', previous, idx)}={int(previous[idx])} is not a rank in "
                 f"[0, {R}): previous placements must use the same num_ranks"
             )
-    return R, g, X
+    return R, g
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def plan_placement_batch(
-    sizes: Any,
-    loads: Any = None,
-    num_ranks: int | None = None,
-    ranks_per_node: int | None = None,
-    previous: Any = None,
-    *,
-    balance: Balance = "memory_then_compute",
-    bytes_per_param: float = 1.0,
-    move_slack: float = 0.0,
-    exact_max_experts: int = 16,
-    exact_node_budget: int = 400_000,
-    num_threads: int = 0,
-    num_replicas: int = 0,
+    sizes: Any, loads: Any = None, num_ranks: int | None = None,
+    ranks_per_node: int | None = None, previous: Any = None, *,
+    options: PlanOptions | None = None, **overrides: Any,
 ) -> BatchPlacementPlan:
     """Plan many MoE layers in one C++ call (the GIL is released; layers run on threads).
 
@@ -381,22 +355,17 @@ def plan_placement_batch(
             parameter counts (positive).
         loads: ``[L, n]`` measured tokens per expert (>= 0); ``None`` = uniform loads, one
             layer per row of ``sizes``.
-        num_ranks: ``R``; must divide ``n``.
+        num_ranks: ``R``; must divide ``n`` (``n + num_replicas`` with replicas).
         ranks_per_node: GPUs per node; must divide ``R``.  Enables node inflow balancing.
         previous: ``[n]`` (all layers) or ``[L, n]`` rank of each expert in the current
             placement; the new plan moves the fewest bytes among equally good plans.
-        balance: ``"memory_then_compute"`` (pairs kept together when the sizes allow it) or
-            ``"compute"`` (ignore memory, minimise max compute only).
-        bytes_per_param: bytes per unit of size for ``moved_bytes`` (default 1).
-        move_slack: accept a plan up to this fraction worse in max compute if it moves fewer
-            bytes (default 0: only exact ties).
-        exact_max_experts: run branch and bound for layers with at most this many experts.
-        exact_node_budget: search nodes before branch and bound stops (then not a proof).
-        num_threads: worker threads over layers; 0 = automatic.
-        num_replicas: extra physical slots for copies of busy experts (module docstring);
-            ``n + num_replicas`` must be a multiple of ``num_ranks``, at most
-            ``n * (num_ranks - 1)``, even in paired mode; not with ``previous``.
+        options: a ``PlanOptions`` (default ``PlanOptions()``): ``balance``,
+            ``bytes_per_param``, ``move_slack``, ``exact_max_experts``, ``exact_node_budget``,
+            ``num_threads``, ``num_replicas``; their meaning and defaults are documented there.
+        **overrides: any ``PlanOptions`` field as a keyword (e.g. ``balance="compute"``),
+            replacing that field of ``options``.
     """
+    opts = resolve_options("plan_placement_batch", options, overrides)
     s = _matrix("sizes", sizes, (1, 2))
     if loads is None:
         t = np.ones((1 if s.ndim == 1 else s.shape[0], s.shape[-1]))
@@ -410,8 +379,7 @@ def plan_placement_batch(
             f"or a single shared row"
         )
     prev = None if previous is None else _matrix("previous", previous, (1, 2))
-    R, g, X = _validate(s, t, num_ranks, ranks_per_node, prev, balance, bytes_per_param,
-                        move_slack, num_replicas)
+    R, g = _validate(s, t, num_ranks, ranks_per_node, prev, opts)
     if prev is not None:
         if prev.ndim == 1:
             prev = np.broadcast_to(prev, t.shape)
@@ -421,44 +389,36 @@ def plan_placement_batch(
                 f"give one row per layer"
             )
         prev = np.ascontiguousarray(prev, dtype=np.int32)
-    out = _planner.plan_batch(
+    out = _native().plan_batch(
         np.ascontiguousarray(s.reshape(-1, s.shape[-1])), np.ascontiguousarray(t), prev,
-        R, 0 if ranks_per_node is None else g, BALANCE_MODES.index(balance),
-        float(bytes_per_param), float(move_slack), int(exact_max_experts),
-        int(exact_node_budget), int(num_threads), X,
+        R, 0 if ranks_per_node is None else g, BALANCE_MODES.index(opts.balance),
+        float(opts.bytes_per_param), float(opts.move_slack), opts.exact_max_experts,
+        opts.exact_node_budget, opts.num_threads, opts.num_replicas,
     )
     lb, mx = out["lower_bound"], out["max_compute"]
     gap = np.zeros_like(lb)
     open_ = ~out["optimal"] & (lb > 0)
     gap[open_] = 100.0 * (mx[open_] - lb[open_]) / lb[open_]
-    return BatchPlacementPlan(gap=gap, num_ranks=R, ranks_per_node=g, num_replicas=X, **out)
+    return BatchPlacementPlan(gap=gap, num_ranks=R, ranks_per_node=g,
+                              num_replicas=opts.num_replicas, **out)
 
 
 def plan_placement(
-    sizes: Any,
-    loads: Any = None,
-    num_ranks: int | None = None,
-    ranks_per_node: int | None = None,
-    previous: Any = None,
-    *,
-    balance: Balance = "memory_then_compute",
-    bytes_per_param: float = 1.0,
-    move_slack: float = 0.0,
-    exact_max_experts: int = 16,
-    exact_node_budget: int = 400_000,
-    num_replicas: int = 0,
+    sizes: Any, loads: Any = None, num_ranks: int | None = None,
+    ranks_per_node: int | None = None, previous: Any = None, *,
+    options: PlanOptions | None = None, **overrides: Any,
 ) -> PlacementPlan:
     """Plan one MoE layer: ``sizes[n]``, optional ``loads[n]`` (default uniform), ``num_ranks``.
 
-    See the module docstring for the goals and ``plan_placement_batch`` for the arguments;
-    for many layers use ``plan_placement_batch`` (one C++ call, no Python loop per layer).
+    See the module docstring for the goals and ``plan_placement_batch`` for the arguments
+    (``options`` and keyword overrides alike); for many layers use ``plan_placement_batch``
+    (one C++ call, no Python loop per layer).
     """
+    opts = resolve_options("plan_placement", options, overrides)
     s = _matrix("sizes", sizes, (1,))
     t = None if loads is None else _matrix("loads", loads, (1,))
     p = None if previous is None else _matrix("previous", previous, (1,))
     return plan_placement_batch(
         s, None if t is None else t[None, :], num_ranks, ranks_per_node,
-        None if p is None else p[None, :], balance=balance, bytes_per_param=bytes_per_param,
-        move_slack=move_slack, exact_max_experts=exact_max_experts,
-        exact_node_budget=exact_node_budget, num_threads=1, num_replicas=num_replicas,
+        None if p is None else p[None, :], options=opts,
     )[0]

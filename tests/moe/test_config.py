@@ -1,12 +1,16 @@
-"""MoDSEConfig: expert size resolution, validation messages, CLI metadata, placement policies."""
+"""MoDSEConfig: expert size resolution, validation messages, CLI metadata, option choices.
+
+(The placement policies it names are tested in tests/placement/test_layout.py.)
+"""
 import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from modse_megatron.config import MoDSEConfig, config_fields, placement_ranks
-from modse_megatron.moe.placement import paired_ranks, resolve_ranks, slot_order
+from modse_megatron import config
+from modse_megatron.config import MoDSEConfig, config_fields
+from tests.placement.test_layout import without_planner
 
 
 def _tc(**overrides):
@@ -110,37 +114,25 @@ def test_config_imports_without_torch_or_megatron():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ----------------------------------------------------------------------------- placement
-@pytest.mark.parametrize("ep", [1, 2, 4, 8])
-@pytest.mark.parametrize("mode", ["pairs", "auto", "contiguous"])
-def test_placements_are_valid_slot_orders(mode, ep):
-    ranks = resolve_ranks(mode, PAPER8_F40, ep)
-    slots = slot_order(ranks, ep)
-    assert sorted(slots) == list(range(8))
-    per_rank = 8 // ep
-    for r in range(ep):  # slots [r*L, (r+1)*L) are exactly the experts placed on rank r
-        assert sorted(slots[r * per_rank : (r + 1) * per_rank]) == [e for e in range(8) if ranks[e] == r]
-    params = [sum(PAPER8_F40[e] for e in range(8) if ranks[e] == r) for r in range(ep)]
-    if mode != "contiguous" and per_rank > 1:  # whole complementary pairs: equal parameters
-        assert len(set(params)) == 1, params
+def test_option_choices_are_defined_once():
+    """Router types, granularities and expert impls: the router and experts use config's."""
+    from modse_megatron.moe import experts, router
+
+    assert router.ROUTER_TYPES is config.ROUTER_TYPES
+    assert router.GRANULARITIES is config.ROUTING_GRANULARITIES
+    assert experts.IMPLS is config.EXPERTS_IMPLS_ANY_DEVICE
+    assert experts.ALL_IMPLS is config.EXPERTS_IMPLS_BUILT
+    assert config.EXPERTS_IMPLS == ("auto", *experts.ALL_IMPLS)
 
 
-@pytest.mark.parametrize(
-    "widths, ep, expected",
-    [
-        ([72, 8, 64, 16, 48, 32, 40, 40], 4, [0, 0, 1, 1, 2, 2, 3, 3]),
-        ([8, 72, 16, 64], 2, [0, 0, 1, 1]),
-        ([10, 20, 30, 40], 2, [0, 1, 1, 0]),  # 40+10 / 30+20
-        ([30, 20, 10], 3, [0, 1, 2]),  # one expert per rank: megatron's order
-        ([30, 20, 10, 5, 6, 7], 2, [0, 1, 1, 0, 1, 0]),  # odd per rank: greedy fill 36/37
-    ],
-)
-def test_paired_ranks(widths, ep, expected):
-    assert paired_ranks(widths, ep) == expected
-
-
-def test_explicit_placement():
-    assert placement_ranks("1,1,0,0", 4, 2) == [1, 1, 0, 0]
-    assert slot_order(resolve_ranks("1,1,0,0", [8, 72, 16, 64], 2), 2) == [2, 3, 0, 1]
-    with pytest.raises(ValueError, match="outside"):
-        placement_ranks("0,3,1,1", 4, 2)
+def test_auto_placement_without_the_planner_is_one_line(monkeypatch):
+    """No silent fallback to `pairs`: validation names the missing planner and the fix."""
+    without_planner(monkeypatch, "libfoo.so: cannot open shared object file")
+    tc = _tc(expert_model_parallel_size=2)
+    with pytest.raises(ValueError) as err:
+        MoDSEConfig(moe_expert_size_preset="paper8").validate(tc)
+    text = str(err.value)
+    assert text.startswith("moe_expert_placement=auto: the C++ placement planner")
+    assert "libfoo.so" in text and "pip install -e ." in text and "\n" not in text
+    MoDSEConfig(moe_expert_size_preset="paper8", moe_expert_placement="pairs").validate(tc)
+    MoDSEConfig(moe_expert_size_preset="paper8").validate(_tc())  # EP=1 places nothing

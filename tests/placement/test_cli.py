@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from modse_megatron.placement.cli import main
+from modse_megatron.placement import PlanOptions
+from modse_megatron.placement.cli import build_parser, main
+
+from .test_layout import without_planner
 
 ROOT = Path(__file__).resolve().parents[2]
 MODSE = ["--ratios", "4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5", "--unit", "256"]
@@ -67,6 +71,38 @@ def test_previous_placement(capsys):
     code, out, _ = run(capsys, "--widths", "1,2,3,4", "--ranks", "2", "--previous", "0,1,1,0",
                        "--json")
     assert code == 0 and json.loads(out)["moved_bytes"] == 0.0
+
+
+def test_move_slack_flag(capsys):
+    """--move-slack reaches the planner (the instance of test_plan_api's move_slack test)."""
+    rng = np.random.default_rng(11)
+    loads = ",".join(map(repr, rng.lognormal(size=64).tolist()))
+    previous = ",".join(map(str, rng.permutation(np.repeat(np.arange(8), 8)).tolist()))
+    argv = ["--widths", ",".join(["1"] * 64), "--loads", loads, "--ranks", "8",
+            "--previous", previous, "--json"]
+    moved = []
+    for slack in ("0", "0.05"):
+        code, out, _ = run(capsys, *argv, "--move-slack", slack)
+        assert code == 0
+        moved.append(json.loads(out)["moved_bytes"])
+    assert moved == [46.0, 28.0]
+
+
+def test_flag_defaults_are_the_api_defaults():
+    args = build_parser().parse_args(["--widths", "1", "--ranks", "1"])
+    defaults = PlanOptions()
+    assert (args.balance, args.bytes_per_param, args.move_slack, args.replicas) == (
+        defaults.balance, defaults.bytes_per_param, defaults.move_slack, defaults.num_replicas)
+
+
+def test_missing_planner_is_one_line(capsys, monkeypatch):
+    without_planner(monkeypatch, "libstdc++.so.6: version `GLIBCXX_3.4.32' not found")
+    with pytest.raises(SystemExit) as info:
+        main(["--widths", "1,2", "--ranks", "2"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("modse-plan: error: the C++ placement planner")
+    assert "GLIBCXX_3.4.32" in err and "pip install -e ." in err
 
 
 def test_replicas_table_and_json(capsys):

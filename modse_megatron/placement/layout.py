@@ -10,15 +10,56 @@ Placement policies (``MoDSEConfig.moe_expert_placement``):
 * ``contiguous`` - megatron's default (slot = logical id);
 * ``pairs`` - sort by width, pair the largest with the smallest (MoDSE's complementary pairs
   sum to a constant), deal whole pairs to ranks: every rank holds equal parameters;
-* ``auto`` - the placement planner (``modse_megatron.placement``) when it is importable,
-  else ``pairs``;
+* ``auto`` - the C++ placement planner (``plan_placement`` with uniform loads: equal memory,
+  then compute).  If it is not built, planning stops with one line naming the fix (``pip
+  install -e .``), never silently falls back to another policy;
 * an explicit list of ranks, one per logical expert.
+
+Pure Python (the planner is imported only for ``auto``): ``MoDSEConfig`` validates with it.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-from ..config import PLACEMENT_MODES, placement_ranks
+PLACEMENT_MODES = ("auto", "pairs", "contiguous")
+
+
+def placement_ranks(spec: str, num_experts: int, ep_size: int) -> list[int] | None:
+    """Parse an explicit placement (``"0,1,1,0"``: rank of each expert); None for named modes.
+
+    Megatron's dispatchers need exactly ``num_experts / ep_size`` experts per rank.
+    """
+    if spec in PLACEMENT_MODES:
+        return None
+    try:
+        ranks = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"moe_expert_placement={spec!r} is not valid: use auto, pairs, contiguous or a comma "
+            "list with the EP rank of every expert"
+        ) from None
+    if len(ranks) != num_experts:
+        raise ValueError(
+            f"moe_expert_placement lists {len(ranks)} ranks but there are {num_experts} experts: "
+            "give one EP rank per expert"
+        )
+    if num_experts % ep_size:
+        raise ValueError(
+            f"num_moe_experts={num_experts} is not divisible by expert_model_parallel_size="
+            f"{ep_size}: choose an EP size that divides the expert count"
+        )
+    if any(not 0 <= r < ep_size for r in ranks):
+        raise ValueError(
+            f"moe_expert_placement has a rank outside 0..{ep_size - 1}: use EP ranks only"
+        )
+    per_rank = num_experts // ep_size
+    for r in range(ep_size):
+        if ranks.count(r) != per_rank:
+            raise ValueError(
+                f"moe_expert_placement puts {ranks.count(r)} experts on EP rank {r}, not "
+                f"{per_rank}: every rank of {ep_size} must hold {per_rank} experts"
+            )
+    return ranks
 
 
 def contiguous_ranks(num_experts: int, ep_size: int) -> list[int]:
@@ -55,12 +96,13 @@ def paired_ranks(widths: Sequence[int], ep_size: int) -> list[int]:
     return rank_of
 
 
-def planned_ranks(widths: Sequence[int], ep_size: int) -> list[int] | None:
-    """The placement planner's plan (equal memory, then compute), or None if not importable."""
-    try:
-        from ..placement import plan_placement
-    except ImportError:
-        return None
+def planned_ranks(widths: Sequence[int], ep_size: int) -> list[int]:
+    """The C++ planner's plan with uniform loads (equal memory, then compute).
+
+    Raises ImportError (one line: why, and ``pip install -e .``) when the planner is not built.
+    """
+    from .plan import plan_placement
+
     return list(plan_placement(list(widths), num_ranks=ep_size).rank_of_expert)
 
 
@@ -74,9 +116,7 @@ def resolve_ranks(spec: str, widths: Sequence[int], ep_size: int) -> list[int]:
     if spec == "contiguous" or ep_size == 1:
         return contiguous_ranks(n, ep_size)
     if spec == "auto":
-        planned = planned_ranks(widths, ep_size)
-        if planned is not None:
-            return planned
+        return planned_ranks(widths, ep_size)
     return paired_ranks(widths, ep_size)
 
 
@@ -113,9 +153,11 @@ def _experts_per_rank(num_experts: int, ep_size: int) -> int:
 
 
 __all__ = [
+    "PLACEMENT_MODES",
     "check_slot_order",
     "contiguous_ranks",
     "paired_ranks",
+    "placement_ranks",
     "planned_ranks",
     "resolve_ranks",
     "slot_order",
