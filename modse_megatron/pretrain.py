@@ -13,8 +13,13 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 from modse_megatron.training.arguments import ConfigError, PretrainArgs, parse_args, world_layout
+from modse_megatron.training.supervision import write_error_line
+
+# Set once the process group exists: the side group that names ranks that stop answering.
+_WATCH = None
 
 
 def _init_distributed(args: PretrainArgs) -> dict[str, int]:
@@ -24,6 +29,7 @@ def _init_distributed(args: PretrainArgs) -> dict[str, int]:
     import modse_megatron  # noqa: F401  (CPU layer on machines without CUDA)
     from megatron.core import parallel_state, tensor_parallel
     from modse_megatron.platform import distributed_backend, resolve_device
+    from modse_megatron.training.supervision import attempt_store
 
     device = resolve_device(args.parallel.device)
     rank = int(os.environ.get("RANK", "0"))
@@ -36,13 +42,24 @@ def _init_distributed(args: PretrainArgs) -> dict[str, int]:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(distributed_backend(device), rank=rank, world_size=world, timeout=timedelta(minutes=10))
+        timeout = timedelta(minutes=args.parallel.distributed_timeout_minutes)
+        store = attempt_store(timeout)  # torchrun: one namespace per restart attempt
+        dist.init_process_group(distributed_backend(device), rank=rank, world_size=world, timeout=timeout,
+                                **({"store": store} if store is not None else {}))
+    global _WATCH
+    from modse_megatron.training.supervision import CollectiveWatch
+
+    # Probe as long as the collective timeout (10-30 s): healthy ranks reach the probe within
+    # about one timeout of each other.
+    probe = min(30.0, max(10.0, 60 * args.parallel.distributed_timeout_minutes))
+    _WATCH = CollectiveWatch(args.parallel.distributed_timeout_minutes, probe_seconds=probe)
     p = args.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+        distributed_timeout_minutes=p.distributed_timeout_minutes,  # megatron's groups default to 30
     )
     # Megatron-LM's seeding: every PP stage its own stream, TP/EP streams via the tracker.
     seed = args.optim.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -73,6 +90,33 @@ def _check_save_dir(args: PretrainArgs) -> None:
                       f"add --load {save} to continue that run, or choose another --save directory")
 
 
+def _lock_save_dir(args: PretrainArgs):
+    """Rank 0 takes the --save lock; every rank gets the same outcome (one error line each).
+    Then the orphan watchdog starts (it releases the lock if the torchrun agent dies), and
+    partial ``iter_*.tmp`` directories of killed saves are removed: nobody else writes here."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from modse_megatron.checkpoint.lock import SaveDirLockedError, SaveLock
+    from modse_megatron.training.supervision import start_orphan_watchdog
+
+    lock, outcome = None, [None, None]
+    if args.run.save and dist.get_rank() == 0:
+        try:
+            lock = SaveLock(args.run.save, args.run.save_lock_timeout).acquire()
+            outcome = [None, lock.message]
+            for leftover in Path(args.run.save).glob("iter_*.tmp"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        except SaveDirLockedError as err:
+            outcome = [str(err), None]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise SaveDirLockedError(outcome[0])
+    start_orphan_watchdog(on_orphan=lock.release if lock else (lambda: None))
+    return lock, outcome[1]
+
+
 def _datasets(args: PretrainArgs, layout: dict[str, int]):
     """Train/valid/test datasets and the tokenizer (built-in corpus unless --data-path)."""
     from modse_megatron.training.data import build_gpt_datasets, builtin_corpus, load_tokenizer
@@ -99,6 +143,16 @@ def _datasets(args: PretrainArgs, layout: dict[str, int]):
 
 def run(args: PretrainArgs) -> dict[str, object]:
     """Train as configured; returns a summary (paths, final losses) on every rank."""
+    layout = _init_distributed(args)
+    lock, lock_message = _lock_save_dir(args)
+    try:
+        return _train(args, layout, lock, lock_message)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str | None) -> dict[str, object]:
     import torch.distributed as dist
 
     from modse_megatron.training import checkpointing
@@ -106,23 +160,27 @@ def run(args: PretrainArgs) -> dict[str, object]:
     from modse_megatron.training.metrics import MetricsWriter
     from modse_megatron.training.model import build_model, padded_vocab_size, transformer_config, wrap_and_optimize
 
-    layout = _init_distributed(args)
     datasets, tokenizer = _datasets(args, layout)
     config = transformer_config(args)
     model = build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.parallel.tensor_model_parallel_size))
     ddp, optimizer, scheduler = wrap_and_optimize(args, config, model)
     state = TrainState()
     if args.run.load and args.run.finetune:
-        checkpointing.load_model_weights(args.run.load, ddp)
+        checkpointing.load_model_weights(args.run.load, ddp, verify=args.run.verify_checkpoint)
     elif args.run.load and checkpointing.latest_iteration(args.run.load) is not None:
-        meta = checkpointing.load_checkpoint(args.run.load, ddp, optimizer, scheduler)
-        state = TrainState(iteration=meta["iteration"], consumed_samples=meta["consumed_samples"])
-    elif args.run.load:
+        meta = checkpointing.load_checkpoint(args.run.load, ddp, optimizer, scheduler, verify=args.run.verify_checkpoint)
+        state = TrainState(iteration=meta["iteration"], consumed_samples=meta["consumed_samples"],
+                           skipped_nonfinite=meta.get("skipped_nonfinite", 0))
+    elif args.run.load and not _same_dir(args.run.load, args.run.save):
         raise checkpointing.CheckpointError(f"--load {args.run.load} holds no checkpoint: check the path or drop --load")
+    # (--load = --save without a checkpoint yet: a first start or an elastic restart before the first save)
     is_logger = dist.get_rank() == 0
     metrics = MetricsWriter(args.run.log_dir, is_logger, args.optim.train_iters, state.iteration,
                             progress=args.run.progress, tensorboard=args.run.tensorboard)
-    trainer = Trainer(args, layout, config, ddp, optimizer, scheduler, datasets, metrics, state)
+    trainer = Trainer(args, layout, config, ddp, optimizer, scheduler, datasets, metrics, state,
+                      heartbeat=lock.heartbeat if lock else None, watch=_WATCH)
+    if lock_message:
+        metrics.message(f"modse-pretrain: {lock_message}")
     nparams = sum(p.numel() for p in model.parameters())
     metrics.message(
         f"modse-pretrain: world {layout['world_size']} ({layout['device']}), TP {args.parallel.tensor_model_parallel_size} "
@@ -131,12 +189,18 @@ def run(args: PretrainArgs) -> dict[str, object]:
         f"starting at iteration {state.iteration}"
     )
     saved, saved_iteration = None, state.iteration  # a loaded checkpoint counts as saved
+    if args.run.load and not args.run.finetune and checkpointing.latest_iteration(args.run.load) is not None:
+        trainer.last_checkpoint = str(checkpointing.iteration_dir(args.run.load, state.iteration))
 
     def save(t: Trainer) -> None:
         nonlocal saved, saved_iteration
-        meta = {"consumed_samples": t.state.consumed_samples, "args": args.to_dict()}
+        t.check_finite_parameters()  # never write a checkpoint of NaN/Inf weights
+        _WATCH.where = f"the save of iteration {t.state.iteration}"
+        meta = {"consumed_samples": t.state.consumed_samples, "skipped_nonfinite": t.state.skipped_nonfinite,
+                "args": args.to_dict()}
         saved = checkpointing.save_checkpoint(args.run.save, t.state.iteration, ddp, optimizer, scheduler, meta)
         saved_iteration = t.state.iteration
+        t.last_checkpoint = str(saved)
         metrics.message(f"saved checkpoint {saved}")
 
     reason = trainer.train(save)
@@ -154,13 +218,18 @@ def run(args: PretrainArgs) -> dict[str, object]:
             "checkpoint": str(saved) if saved else None}
 
 
+def _same_dir(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+
 def _user_errors() -> tuple[type, ...]:
     from modse_megatron.platform import PlatformError
     from modse_megatron.training.checkpointing import CheckpointError
 
     from modse_megatron.training.data import DataError
+    from modse_megatron.training.loop import NonFiniteError
 
-    return (ConfigError, PlatformError, CheckpointError, DataError)
+    return (ConfigError, PlatformError, CheckpointError, DataError, NonFiniteError)
 
 
 def _quiet_known_warnings() -> None:
@@ -174,35 +243,25 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from modse_megatron.training.supervision import is_collective_failure
+
     _quiet_known_warnings()
     try:
         args = parse_args(argv)
         run(args)
     except _user_errors() as err:
-        _write_line_atomically(f"modse-pretrain: error: {err}")
+        write_error_line(f"modse-pretrain: error: {err}")
         _error_rendezvous()
+        return 2
+    except Exception as err:
+        if _WATCH is None or not is_collective_failure(err):
+            raise
+        # A rank stopped answering: name it (every healthy rank prints the same line).
+        write_error_line(f"modse-pretrain: error: {_WATCH.explain(err)}")
         return 2
     finally:
         _shutdown()
     return 0
-
-
-def _write_line_atomically(text: str) -> None:
-    """Write one line to stderr in a single write(2) call.
-
-    Every rank reports the same error into the one stderr torchrun shares; ``print`` issues the
-    text and its newline as separate writes, so two ranks could interleave into one garbled line.
-    A single write of a line shorter than PIPE_BUF is atomic on pipes.
-    """
-    line = text.replace("\n", " ") + "\n"
-    sys.stderr.flush()
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # stderr replaced by an in-memory stream
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        return
-    os.write(fd, line.encode("utf-8", "replace"))
 
 
 def _error_rendezvous(seconds: float = 10.0) -> None:

@@ -1,7 +1,8 @@
-"""Fixes for megatron-core 0.16.1 bugs on paths without apex/TransformerEngine.
+"""Fixes for megatron-core 0.16.1 bugs (not CPU-specific).
 
-These are not CPU-specific: they apply whenever megatron falls back to ``torch.optim`` (no apex,
-no TE), which is always the case on CPU and possible on GPUs. Each fix names the line it answers.
+The optimizer fixes apply whenever megatron falls back to ``torch.optim`` (no apex, no TE),
+which is always the case on CPU and possible on GPUs; the checkpoint-queue fix applies
+everywhere. Each fix names the line it answers.
 """
 from __future__ import annotations
 
@@ -52,8 +53,44 @@ def _fix_shared_adam_step_after_load() -> None:
     dopt.DistributedOptimizer.load_state_dict = load_state_dict
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Initializer of the checkpoint queue's manager process: end it when its parent is gone."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _fix_orphaned_checkpoint_queue() -> None:
+    """``filesystem_async._get_write_results_queue`` (dist_checkpointing/strategies/
+    filesystem_async.py:51-56) starts a ``multiprocessing`` Manager server (spawn) on the first
+    save. When the training process is SIGKILLed (OOM killer, scheduler, a dead torchrun agent)
+    that server and its resource tracker live on forever, holding the job's stdout/stderr open.
+    Same queue, but its manager exits within a second of its parent."""
+    import multiprocessing as mp
+    import os
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def _get_write_results_queue():
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            manager.start(initializer=_exit_with_parent, initargs=(os.getpid(),))
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = _get_write_results_queue
+
+
 def install() -> None:
-    """Apply the fixes once, only where megatron runs without apex/TE."""
+    """Apply the fixes once; the optimizer ones only where megatron runs without apex/TE."""
     global _installed
     if _installed:
         return
@@ -62,4 +99,5 @@ def install() -> None:
     if not dopt.HAVE_APEX_OR_TE:
         _fix_fully_reshardable_optimizer_load()
         _fix_shared_adam_step_after_load()
+    _fix_orphaned_checkpoint_queue()
     _installed = True

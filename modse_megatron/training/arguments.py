@@ -82,6 +82,8 @@ class ParallelArgs:
     sequence_parallel: bool = _opt(False, "Sequence parallelism (needs TP > 1).")
     use_distributed_optimizer: bool = _opt(True, "Shard optimizer state over DP ranks (ZeRO-1).")
     device: str = _opt("auto", "auto, cpu (gloo) or cuda (nccl).", choices=("auto", "cpu", "cuda"))
+    distributed_timeout_minutes: float = _opt(10.0, "Timeout of collectives; a rank that stops answering is "
+                                                    "named in an error within this + 60 s.")
 
 
 @dataclass
@@ -101,6 +103,8 @@ class OptimArgs:
     adam_beta2: float = _opt(0.95, "Adam beta2.")
     adam_eps: float = _opt(1e-8, "Adam epsilon.")
     clip_grad: float = _opt(1.0, "Global gradient-norm clip (0 = off).")
+    skip_nonfinite_steps: int = _opt(0, "Skip up to this many updates whose loss or gradients are NaN/Inf "
+                                        "(counted in metrics), then stop; 0 = stop at the first.")
     seed: int = _opt(1234, "Random seed.")
 
 
@@ -124,12 +128,17 @@ class RunArgs:
     save: str | None = _opt(None, "Checkpoint directory to save to.")
     load: str | None = _opt(None, "Checkpoint directory to resume from.")
     finetune: bool = _opt(False, "With --load: take only the model weights (any layout), start at iteration 0 with a fresh optimizer.")
+    verify_checkpoint: bool = _opt(True, "Check every checkpoint file against its SHA-256 manifest before loading.")
     save_interval: int | None = _opt(None, "Save every n steps (and always at the end when --save is set).")
     exit_interval: int | None = _opt(None, "Stop (after saving) once this iteration is reached.")
     log_dir: str = _opt("runs/latest", "Directory for metrics.jsonl, the loss plot and TensorBoard.")
     log_interval: int = _opt(1, "Write metrics every n steps.")
     tensorboard: bool = _opt(False, "Also write TensorBoard events (needs the tensorboard package).")
     progress: bool = _opt(True, "Show a progress bar on rank 0.")
+    save_lock_timeout: float = _opt(600.0, "Seconds without a heartbeat after which another host's lock on --save "
+                                           "counts as stale and is taken over.")
+    debug_nonfinite_at: list[int] | None = _opt(None, "Testing aid: make the loss of these iterations NaN "
+                                                      "(exercises the non-finite handling end to end).")
 
 
 SECTIONS: tuple[type, ...] = (ModelArgs, ParallelArgs, OptimArgs, DataArgs, RunArgs, MoDSEConfig)
@@ -328,6 +337,10 @@ def validate(args: PretrainArgs) -> None:
         raise ConfigError("expert options need an MoE model: set --num-experts (or drop --expert-model-parallel-size / expert sizes)")
     if m.fp8_format and m.bf16 is False:
         raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model): add --bf16")
+    if p.distributed_timeout_minutes <= 0:
+        raise ConfigError("--distributed-timeout-minutes must be positive")
+    if o.skip_nonfinite_steps < 0:
+        raise ConfigError("--skip-nonfinite-steps must be 0 or more")
     if args.run.save_interval is not None and args.run.save_interval <= 0:
         raise ConfigError("--save-interval must be positive")
     if args.run.finetune and not args.run.load:

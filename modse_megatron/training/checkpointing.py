@@ -4,17 +4,23 @@ sharded, so it reshards to another layout), LR scheduler, RNG states and the dat
 Layout on disk::
 
     SAVE/iter_0000040/            one dist_checkpointing directory per saved iteration
+    SAVE/iter_0000040/modse_manifest.json   SHA-256 and size of every file (written last)
     SAVE/latest_checkpointed_iteration.txt
 
 A checkpoint is written to ``iter_N.tmp`` and renamed once every rank has finished, and the
 tracker file is replaced atomically afterwards, so an interrupted save never hides or damages
-an earlier checkpoint. An existing ``iter_N`` is never overwritten.
+an earlier checkpoint. An existing ``iter_N`` is never overwritten. Loading verifies the
+manifest first and unpickles nothing outside an allow-list
+(:mod:`modse_megatron.checkpoint.safe_load`), so a damaged file or a crafted checkpoint stops
+with one line instead of loading wrong weights or running code.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from torch.distributed.checkpoint.api import CheckpointException
+
+from modse_megatron.checkpoint import manifest, reshard, safe_load
+from modse_megatron.checkpoint.errors import CheckpointError
+
 TRACKER = "latest_checkpointed_iteration.txt"
-# fully_reshardable: optimizer state in canonical per-parameter form, so a checkpoint loads under
-# another TP/PP/EP/DP layout (megatron 0.16 no longer saves the flattened model-space format).
-_OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names the fix."""
+# Optimizer state in canonical per-parameter form without chained-optimizer key prefixes, so a
+# checkpoint loads under another TP/PP/EP/ETP/DP layout (see modse_megatron.checkpoint.reshard).
+_OPTIM_META = reshard.OPTIMIZER_METADATA
 
 
 def iteration_dir(root: str, iteration: int) -> Path:
@@ -90,6 +97,17 @@ def _materialize_optimizer_state(optimizer) -> None:
                     state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
 
 
+def current_layout() -> dict[str, int]:
+    """This run's parallel layout (stored in every checkpoint's meta)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(), "etp": ps.get_expert_tensor_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(), "world_size": dist.get_world_size(),
+    }
+
+
 def _state_dict(ddp, optimizer, scheduler, is_loading: bool, with_rng: bool, meta: dict | None = None) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -108,7 +126,10 @@ def _state_dict(ddp, optimizer, scheduler, is_loading: bool, with_rng: bool, met
 
 
 def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: dict[str, Any]) -> Path:
-    """Save everything needed to resume at ``iteration``; returns the checkpoint directory."""
+    """Save everything needed to resume at ``iteration``; returns the checkpoint directory.
+
+    Written into ``iter_N.tmp`` with an integrity manifest, then renamed; a failure (disk full,
+    I/O error) removes the partial directory and leaves every earlier checkpoint as it was."""
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(root, iteration)
@@ -121,9 +142,28 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save, never a finished one
         tmp.mkdir(parents=True)
     dist.barrier()
-    meta = {**meta, "iteration": iteration, "world_size": dist.get_world_size()}
-    dist_checkpointing.save(_state_dict(ddp, optimizer, scheduler, False, True, meta), str(tmp))
-    dist.barrier()
+    meta = {**meta, "iteration": iteration, "world_size": dist.get_world_size(), "layout": current_layout(),
+            "integrity": manifest.INTEGRITY}
+    failure = None
+    try:
+        dist_checkpointing.save(_state_dict(ddp, optimizer, scheduler, False, True, meta), str(tmp))
+        dist.barrier()
+        _write_manifest(tmp)
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+        failure = err
+    # Every rank learns what failed where, so all of them stop (or go on) together with the
+    # same line: the most specific description (an OS error) any rank saw.
+    reports: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, None if failure is None else _describe(failure))
+    if any(reports):
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        cause = next((r for r in reports if r and "Errno" in r), next(r for r in reports if r))
+        latest = latest_iteration(root)
+        kept = f"earlier checkpoints are intact (latest: {iteration_dir(root, latest)})" if latest is not None else "no earlier checkpoint"
+        raise CheckpointError(f"could not write checkpoint {final.name}: {cause}; the partial checkpoint "
+                              f"was removed and {kept}: free disk space or choose another --save directory")
     if dist.get_rank() == 0:
         os.replace(tmp, final)
         tracker_tmp = Path(root) / (TRACKER + ".tmp")
@@ -131,6 +171,64 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
         os.replace(tracker_tmp, Path(root) / TRACKER)
     dist.barrier()
     return final
+
+
+def _describe(failure: BaseException | None) -> str:
+    """One line for a save failure: the underlying OS error when there is one (DCP wraps every
+    rank's exception into one ``CheckpointException``)."""
+    if failure is None:
+        return "another rank failed to write its part"
+    inner = [f[0] if isinstance(f, tuple) else f for f in getattr(failure, "failures", {}).values()]
+    candidates = [failure, *inner, failure.__cause__, failure.__context__]
+    for exc in candidates:
+        if isinstance(exc, OSError):
+            return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    for exc in candidates:
+        match = exc is not None and re.search(r"\[Errno \d+\][^\n]*", str(exc))
+        if match:
+            return match.group(0)
+    exc = inner[0] if inner else failure
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def _write_manifest(directory: Path) -> None:
+    """Every rank hashes the files it wrote, rank 0 writes the manifest (see
+    :mod:`modse_megatron.checkpoint.manifest`)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = [manifest.checkpoint_files(directory) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    mine = {name: manifest.file_digest(directory / name) for name in manifest.files_of_rank(names[0], rank, world)}
+    gathered: list[dict] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        manifest.write_manifest(directory, {k: v for part in gathered for k, v in part.items()})
+    dist.barrier()
+
+
+def verify_checkpoint(path: Path, enabled: bool = True) -> None:
+    """Check every file against the manifest before anything is read, split over the ranks;
+    every rank raises the same one-line :class:`IntegrityError` naming the first bad file."""
+    if not enabled:
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    expected = manifest.read_manifest(path)
+    if expected is None:
+        if safe_load.load_common(path).get("meta", {}).get("integrity") == manifest.INTEGRITY:
+            raise manifest.IntegrityError(f"{path / manifest.MANIFEST} is missing but this checkpoint was saved with one "
+                                          f"(deleted or damaged): {manifest.problem_hint()}")
+        if rank == 0:
+            print(f"modse-pretrain: warning: {path} has no integrity manifest (saved before manifests existed): "
+                  f"loading it unverified", file=sys.stderr, flush=True)
+        return
+    problem = manifest.check_files(path, expected, sorted(expected)[rank::world])
+    problems = [problem]
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise manifest.IntegrityError(f"{first}: {manifest.problem_hint()}")
 
 
 def _latest_path(root: str) -> Path:
@@ -143,39 +241,49 @@ def _latest_path(root: str) -> Path:
     return path
 
 
-def _load(template: dict, path: Path) -> dict:
-    from megatron.core import dist_checkpointing
-
+def _load(template: dict, path: Path, common_transform=None) -> dict:
     try:
-        return dist_checkpointing.load(template, str(path))
+        return safe_load.load(template, path, common_transform)
+    except CheckpointError:
+        raise
     except Exception as err:  # megatron raises assorted types for a damaged or mismatched checkpoint
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load {path}: {first[:300]} (is it a modse-megatron checkpoint of this model?)") from None
 
 
-def load_model_weights(root: str, ddp) -> Path:
+def load_model_weights(root: str, ddp, verify: bool = True) -> Path:
     """Load only the model weights of the latest checkpoint under ``root`` (``--finetune``).
     Model tensors are sharded per logical tensor, so this works from any TP/PP/EP layout."""
     path = _latest_path(root)
+    verify_checkpoint(path, verify)
     state = _load({"model": ddp.module.sharded_state_dict()}, path)
     ddp.module.load_state_dict(state["model"])
     return path
 
 
-def load_checkpoint(root: str, ddp, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(root: str, ddp, optimizer, scheduler, verify: bool = True) -> dict[str, Any]:
     """Restore the latest checkpoint under ``root`` into the given objects; returns its meta
-    (iteration, consumed samples, ...). RNG states are restored when the world size matches."""
-    from megatron.core import dist_checkpointing
-
+    (iteration, consumed samples, ...). Works under any TP/PP/EP/ETP/DP layout: model and
+    optimizer tensors are global, the optimizer's common part is rebuilt for this layout's
+    optimizers. RNG states are restored when the layout is the one saved (each rank's streams
+    belong to its place in the layout); otherwise the streams seeded at start-up are kept."""
     path = _latest_path(root)
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    verify_checkpoint(path, verify)
+    common = safe_load.load_common(path)
     meta = common.get("meta", {})
-    same_world = meta.get("world_size") == dist.get_world_size()
+    saved_layout = meta.get("layout")
+    same_layout = saved_layout == current_layout() if saved_layout else meta.get("world_size") == dist.get_world_size()
     _materialize_optimizer_state(optimizer)
-    state = _load(_state_dict(ddp, optimizer, scheduler, True, same_world), path)
+    template = _state_dict(ddp, optimizer, scheduler, True, same_layout)
+    reshard.match_optimizer_keys(template["optimizer"], set(safe_load.read_metadata(path).state_dict_metadata))
+
+    def for_this_layout(saved: dict) -> dict:
+        return {**saved, "optimizer": reshard.adapt_optimizer_common(saved["optimizer"], optimizer)}
+
+    state = _load(template, path, for_this_layout)
     ddp.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if same_world:
+    if same_layout:
         _set_rng_state(state["rng"])
     return meta

@@ -8,6 +8,7 @@ step, and a resumed run continues exactly where it stopped.
 """
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import dataclass
 from functools import partial
@@ -22,10 +23,16 @@ from modse_megatron.training.metrics import MetricsWriter, Throughput
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN/Inf more often than allowed; one line naming the
+    iteration, the last good checkpoint and the usual fixes."""
+
+
 @dataclass
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
+    skipped_nonfinite: int = 0  # updates skipped because of NaN/Inf loss or gradients
 
 
 def micro_batches(dataset, start: int, micro_batch_size: int, dp_rank: int, dp_size: int,
@@ -45,9 +52,11 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, {"lm_loss": loss.detach().clone()}
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, poison: bool = False):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    if poison:  # --debug-nonfinite-at: a NaN that flows through backward like a real blow-up
+        output = output * float("nan")
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -71,7 +80,7 @@ class Trainer:
     """Owns the model, optimizer, data and logging of one run."""
 
     def __init__(self, args: PretrainArgs, layout: dict[str, int], config, ddp, optimizer, scheduler,
-                 datasets: tuple, metrics: MetricsWriter, state: TrainState):
+                 datasets: tuple, metrics: MetricsWriter, state: TrainState, heartbeat=None, watch=None):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -84,14 +93,18 @@ class Trainer:
         self._stop_requested = False
         self.eval_batches_done = 0
         self.routers = [m for m in ddp.module.modules() if hasattr(m, "routing_stats")]
+        self.heartbeat = heartbeat or (lambda: None)  # refreshes the --save lock
+        self.watch = watch  # names the phase in errors about ranks that stop answering
+        self.last_checkpoint: str | None = None
+        self._poison = set(args.run.debug_nonfinite_at or ())
 
     # ------------------------------------------------------------------ one step
-    def _run_schedule(self, dataset, start: int, forward_only: bool) -> list[dict[str, torch.Tensor]]:
+    def _run_schedule(self, dataset, start: int, forward_only: bool, poison: bool = False) -> list[dict[str, torch.Tensor]]:
         a = self.args
         data = micro_batches(dataset, start, a.optim.micro_batch_size, self.dp_rank, self.dp_size,
                              self.layout["num_microbatches"])
         return self.forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=partial(_forward_step, poison=poison) if poison else _forward_step,
             data_iterator=data,
             model=[self.ddp],
             num_microbatches=self.layout["num_microbatches"],
@@ -105,8 +118,15 @@ class Trainer:
         self.optimizer.zero_grad()
         for router in self.routers:
             router.reset_routing_stats()
-        losses = self._run_schedule(self.train_ds, self.state.consumed_samples, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        poison = self.state.iteration + 1 in self._poison
+        losses = self._run_schedule(self.train_ds, self.state.consumed_samples, forward_only=False, poison=poison)
+        lm_loss = _reported_mean(losses, "lm_loss")
+        finite = self._all_finite(lm_loss)
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+        else:  # never apply a NaN/Inf update; the batch counts as consumed
+            ok, grad_norm = False, None
+            self._count_nonfinite(lm_loss)
         if ok:
             self.scheduler.step(increment=1)
         gbs = self.layout["global_batch_size"]
@@ -114,14 +134,52 @@ class Trainer:
         self.state.consumed_samples += gbs
         record: dict[str, Any] = {
             "iteration": self.state.iteration,
-            "lm_loss": _reported_mean(losses, "lm_loss"),
+            "lm_loss": lm_loss if math.isfinite(lm_loss) else None,  # JSON has no NaN
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "skipped": not ok,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
         }
         if self.config.num_moe_experts:
             record.update(self._moe_metrics())
         return record
+
+    # ------------------------------------------------------------------ non-finite values
+    def _grad_buffers(self) -> list[torch.Tensor]:
+        return [b.grad_data for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
+
+    def _all_finite(self, lm_loss: float) -> bool:
+        """Loss and every gradient finite on every rank (one all-reduce; all ranks agree).
+        Gradients are checked after megatron's reduction, so a NaN on any rank shows here."""
+        grads = self._grad_buffers()
+        bad = not math.isfinite(lm_loss) or any(not bool(torch.isfinite(g).all()) for g in grads)
+        flag = torch.tensor([1.0 if bad else 0.0], device=grads[0].device if grads else None)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
+
+    def _count_nonfinite(self, lm_loss: float) -> None:
+        self.state.skipped_nonfinite += 1
+        allowed = self.args.optim.skip_nonfinite_steps
+        iteration = self.state.iteration + 1
+        if self.state.skipped_nonfinite <= allowed:
+            self.metrics.message(f"iteration {iteration}: non-finite loss or gradients (loss {lm_loss}), update skipped "
+                                 f"({self.state.skipped_nonfinite} of --skip-nonfinite-steps {allowed})")
+            return
+        where = f"the last good checkpoint is {self.last_checkpoint} (resume with --load)" if self.last_checkpoint \
+            else "no checkpoint was saved yet"
+        raise NonFiniteError(
+            f"non-finite loss or gradients at iteration {iteration} (loss {lm_loss}); {where}: lower --lr or raise "
+            f"--lr-warmup-iters, keep --clip-grad > 0, check the data, or skip such steps with --skip-nonfinite-steps N")
+
+    def check_finite_parameters(self) -> None:
+        """Refuse to go on (and so to save) with NaN/Inf weights on any rank."""
+        params = list(self.ddp.module.parameters())
+        bad = any(not bool(torch.isfinite(p).all()) for p in params)
+        flag = torch.tensor([1.0 if bad else 0.0], device=params[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise NonFiniteError(f"the weights hold NaN/Inf at iteration {self.state.iteration}: not saving them; resume "
+                                 f"from {self.last_checkpoint or 'an earlier checkpoint'} with a lower --lr")
 
     def _moe_metrics(self) -> dict[str, Any]:
         """Aux/z losses (mean over MoE layers) and tokens routed to every logical expert."""
@@ -174,6 +232,8 @@ class Trainer:
     def _install_sigterm(self) -> None:
         def request_stop(signum, frame):
             self._stop_requested = True
+            if self.watch is not None:  # torchrun tears the job down: no waiting for stragglers
+                self.watch.cancelled = True
 
         signal.signal(signal.SIGTERM, request_stop)
 
@@ -191,6 +251,9 @@ class Trainer:
         timer = Throughput()
         reason = "finished"
         while self.state.iteration < a.optim.train_iters:
+            self.heartbeat()
+            if self.watch is not None:
+                self.watch.where = f"iteration {self.state.iteration + 1}"
             record = self.train_step()
             tps, dt = timer.lap(tokens_per_step)
             record["tokens_per_sec"], record["step_time_s"] = tps, dt

@@ -134,7 +134,9 @@ def wrap_and_optimize(args: PretrainArgs, config, model):
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=p.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # NaN/Inf is checked by the training loop after the reduction, on every rank alike
+        # (megatron's check raises on the offending rank only and leaves the others waiting).
+        check_for_nan_in_grad=False,
     )
     ddp = DistributedDataParallel(config, ddp_config, model)
     opt_config = OptimizerConfig(
