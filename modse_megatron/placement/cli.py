@@ -22,6 +22,8 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
+from modse_megatron.cli_common import OneLineArgumentParser, fail
+
 from .options import BALANCE_MODES, PlanOptions
 from .plan import BatchPlacementPlan, PlacementPlan, plan_placement_batch
 from .sizes import widths_from_ratios
@@ -39,16 +41,8 @@ LOADS_FROM_HELP = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (the usage is one --help away)."""
-
-    def error(self, message: str) -> NoReturn:
-        _fail(f"{message} (see {PROG} --help)")
-
-
 def _fail(message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    fail(PROG, message)
 
 
 def _numbers(text: str, what: str) -> list[float]:
@@ -83,7 +77,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineArgumentParser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
