@@ -131,6 +131,7 @@ def _datasets(args: PretrainArgs, layout: dict[str, int]):
         # and reuse it (one build per machine on multi-node runs without a shared home).
         prefix, tokenizer_path = builtin_corpus(vocab_size=d.vocab_size)
     tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer.path = str(Path(tokenizer_path).resolve())  # recorded in checkpoints (exports copy it)
     gbs = layout["global_batch_size"]
     o, r = args.optim, args.run
     evals = o.train_iters // r.eval_interval + 1
@@ -165,7 +166,8 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
     model = build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.parallel.tensor_model_parallel_size))
     ddp, optimizer, scheduler = wrap_and_optimize(args, config, model)
     state = TrainState()
-    if args.run.load and args.run.finetune:
+    if args.run.load and (args.run.finetune or checkpointing.is_weights_only(args.run.load)):
+        # --finetune, or an imported checkpoint (weights only): iteration 0, fresh optimizer
         checkpointing.load_model_weights(args.run.load, ddp, verify=args.run.verify_checkpoint)
     elif args.run.load and checkpointing.latest_iteration(args.run.load) is not None:
         meta = checkpointing.load_checkpoint(args.run.load, ddp, optimizer, scheduler, verify=args.run.verify_checkpoint)
@@ -189,7 +191,8 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
         f"starting at iteration {state.iteration}"
     )
     saved, saved_iteration = None, state.iteration  # a loaded checkpoint counts as saved
-    if args.run.load and not args.run.finetune and checkpointing.latest_iteration(args.run.load) is not None:
+    if args.run.load and not args.run.finetune and checkpointing.latest_iteration(args.run.load) is not None \
+            and not checkpointing.is_weights_only(args.run.load):
         trainer.last_checkpoint = str(checkpointing.iteration_dir(args.run.load, state.iteration))
 
     def save(t: Trainer) -> None:
@@ -197,7 +200,8 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
         t.check_finite_parameters()  # never write a checkpoint of NaN/Inf weights
         _WATCH.where = f"the save of iteration {t.state.iteration}"
         meta = {"consumed_samples": t.state.consumed_samples, "skipped_nonfinite": t.state.skipped_nonfinite,
-                "args": args.to_dict()}
+                "args": args.to_dict(), "tokenizer_path": tokenizer.path, "tokenizer_vocab_size": tokenizer.vocab_size,
+                "eod_token_id": tokenizer.eod}
         saved = checkpointing.save_checkpoint(args.run.save, t.state.iteration, ddp, optimizer, scheduler, meta)
         saved_iteration = t.state.iteration
         t.last_checkpoint = str(saved)
@@ -240,6 +244,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning)
     warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
+    # megatron's dist_checkpointing still builds torch's ShardedTensor (deprecated in favour of DTensor)
+    warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,18 +280,43 @@ def _error_rendezvous(seconds: float = 10.0) -> None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        # Option errors come before any process group exists: the same check fails on every
-        # rank within moments, so just give the slower ranks time to print theirs.
+        # Option errors come before any process group exists: meet the other ranks in
+        # torchrun's agent store instead (every rank has printed once all have checked in).
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import time
-
-            time.sleep(min(seconds, 3.0))
+            _store_rendezvous("modse/error", seconds)
         return
     from datetime import timedelta
 
     try:
         dist.barrier(async_op=True).wait(timeout=timedelta(seconds=seconds))
     except Exception:  # timed out or the group is already broken: exit anyway
+        pass
+
+
+def _store_rendezvous(name: str, seconds: float) -> None:
+    """Before any process group exists: set ``<name>/<rank>`` in torchrun's agent store and
+    wait (at most ``seconds``) until all WORLD_SIZE ranks have set theirs.
+
+    The agent store outlives the workers, so ranks that arrive late still find the keys of
+    those that arrived first. Without torchrun's store (another launcher) there is nothing to
+    meet in: wait briefly (at most 3 s) instead.
+    """
+    import time
+    from datetime import timedelta
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        time.sleep(min(seconds, 3.0))
+        return
+    from modse_megatron.training.supervision import attempt_store
+
+    deadline = time.monotonic() + seconds
+    try:
+        store = attempt_store(timedelta(seconds=seconds))  # a namespace per restart attempt
+        store.set(f"{name}/{os.environ.get('RANK', '0')}", "1")
+        remaining = max(deadline - time.monotonic(), 0.01)
+        store.wait([f"{name}/{r}" for r in range(world)], timedelta(seconds=remaining))
+    except Exception:  # timed out (a rank did not fail) or the agent is gone: exit anyway
         pass
 
 

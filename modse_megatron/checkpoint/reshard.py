@@ -29,7 +29,7 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chain
 _CHAINED = re.compile(r"^chained_\d+\.")
 
 
-def _unprefixed(key: str) -> str:
+def unprefixed_key(key: str) -> str:
     return _CHAINED.sub("", key, count=1)
 
 
@@ -41,11 +41,11 @@ def match_optimizer_keys(optimizer_template: Any, checkpoint_keys: set[str]) -> 
 
     by_suffix: dict[str, str] = {}
     for key in checkpoint_keys:
-        by_suffix.setdefault(_unprefixed(key), key)
+        by_suffix.setdefault(unprefixed_key(key), key)
     for item in nested_values(optimizer_template):
         if not isinstance(item, (ShardedBase, ShardedTensorFactory)) or item.key in checkpoint_keys:
             continue
-        stored = by_suffix.get(_unprefixed(item.key))
+        stored = by_suffix.get(unprefixed_key(item.key))
         if stored is not None:
             item.key = stored
 

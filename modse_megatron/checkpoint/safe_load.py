@@ -220,8 +220,8 @@ def sharded_strategy():
             pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, True)
             reader = reader_class(checkpoint_dir)
             reader.read_metadata()  # refuse a bad .metadata here, before DCP logs tracebacks around it
-            dcp.load_state_dict(
-                pyt_state_dict, reader,
+            dcp.load(
+                pyt_state_dict, storage_reader=reader,
                 planner=planner_class(shapes_validation_sharded_tensors=flexible,
                                       allow_shape_mismatch_sharded_tensors=mismatch_ok,
                                       checkpoint_dir=str(checkpoint_dir)),

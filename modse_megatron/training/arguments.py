@@ -158,6 +158,26 @@ class PretrainArgs:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PretrainArgs":
+        """Inverse of :meth:`to_dict` (e.g. the options stored in a checkpoint); fields this
+        version does not know are ignored, missing ones take their defaults."""
+        parts = []
+        for f, section in zip(dataclasses.fields(cls), SECTIONS):
+            known = {g.name for g in dataclasses.fields(section)}
+            values = {k: v for k, v in (data.get(f.name) or {}).items() if k in known}
+            parts.append(section(**values))
+        return cls(*parts)
+
+    def expert_widths(self) -> list[int]:
+        """Every MoE layer's expert widths in logical order ([] for a dense model)."""
+        m = self.model
+        if not m.num_experts:
+            return []
+        if m.moe_layer_impl == "megatron":
+            return [m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size] * m.num_experts
+        return self.modse.expert_widths(modse_view(self))
+
 
 def _fields() -> dict[str, tuple[type, dataclasses.Field]]:
     out: dict[str, tuple[type, dataclasses.Field]] = {}
@@ -355,13 +375,12 @@ def validate(args: PretrainArgs) -> None:
         raise ConfigError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
 
 
-def _validate_modse(args: PretrainArgs) -> None:
-    """MoDSEConfig's own checks, against the TransformerConfig fields it reads, before any
-    process group exists (so every rank fails at once with the same line)."""
+def modse_view(args: PretrainArgs):
+    """The TransformerConfig fields MoDSEConfig reads, from the options alone (no torch)."""
     from types import SimpleNamespace
 
     m, p = args.model, args.parallel
-    view = SimpleNamespace(
+    return SimpleNamespace(
         num_moe_experts=m.num_experts,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
         add_bias_linear=not m.disable_bias_linear,
@@ -370,8 +389,13 @@ def _validate_modse(args: PretrainArgs) -> None:
         expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
         fp8=m.fp8_format,
     )
+
+
+def _validate_modse(args: PretrainArgs) -> None:
+    """MoDSEConfig's own checks, against the TransformerConfig fields it reads, before any
+    process group exists (so every rank fails at once with the same line)."""
     try:
-        args.modse.validate(view)
+        args.modse.validate(modse_view(args))
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -251,14 +251,44 @@ def _load(template: dict, path: Path, common_transform=None) -> dict:
         raise CheckpointError(f"cannot load {path}: {first[:300]} (is it a modse-megatron checkpoint of this model?)") from None
 
 
+def is_weights_only(root: str) -> bool:
+    """Whether the latest checkpoint under ``root`` holds model weights only (``modse-convert
+    import``): it starts a run at iteration 0 with a fresh optimizer."""
+    if latest_iteration(root) is None:
+        return False
+    return bool(safe_load.load_common(_latest_path(root)).get("meta", {}).get("weights_only"))
+
+
 def load_model_weights(root: str, ddp, verify: bool = True) -> Path:
     """Load only the model weights of the latest checkpoint under ``root`` (``--finetune``).
     Model tensors are sharded per logical tensor, so this works from any TP/PP/EP layout."""
     path = _latest_path(root)
     verify_checkpoint(path, verify)
-    state = _load({"model": ddp.module.sharded_state_dict()}, path)
-    ddp.module.load_state_dict(state["model"])
+    stored = set(safe_load.read_metadata(path).state_dict_metadata)
+    state = _load({"model": _without_absent_extra_state(ddp.module.sharded_state_dict(), stored)}, path)
+    _load_model_state(ddp.module, state["model"])
     return path
+
+
+def _without_absent_extra_state(model_sd: dict, stored: set[str]) -> dict:
+    """The model's sharded state dict minus ``_extra_state`` objects the checkpoint lacks.
+
+    megatron's linear layers describe an ``_extra_state`` object per layer (TransformerEngine's
+    FP8 scaling state; None for local layers). Checkpoints written by ``modse-convert import``
+    carry none (an export has no FP8 state): such layers keep their fresh extra state."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {k: v for k, v in model_sd.items()
+            if not (isinstance(v, ShardedObject) and "_extra_state" in v.key and v.unique_key not in stored)}
+
+
+def _load_model_state(module, state: dict) -> None:
+    """``load_state_dict`` that tolerates exactly the absent ``_extra_state`` entries."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(f"the checkpoint does not fit this model ({what}): check the model options")
 
 
 def load_checkpoint(root: str, ddp, optimizer, scheduler, verify: bool = True) -> dict[str, Any]:
@@ -273,16 +303,27 @@ def load_checkpoint(root: str, ddp, optimizer, scheduler, verify: bool = True) -
     meta = common.get("meta", {})
     saved_layout = meta.get("layout")
     same_layout = saved_layout == current_layout() if saved_layout else meta.get("world_size") == dist.get_world_size()
+    stored = safe_load.read_metadata(path).state_dict_metadata
+    # RNG streams belong to a rank's place in the layout; resharded checkpoints carry none
+    same_layout = same_layout and any(k.startswith("rng_state") for k in stored)
     _materialize_optimizer_state(optimizer)
     template = _state_dict(ddp, optimizer, scheduler, True, same_layout)
-    reshard.match_optimizer_keys(template["optimizer"], set(safe_load.read_metadata(path).state_dict_metadata))
+    template["model"] = _without_absent_extra_state(template["model"], set(stored))
+    with_optimizer = not meta.get("optimizer_dropped")  # modse-convert reshard --drop-optimizer
+    if with_optimizer:
+        reshard.match_optimizer_keys(template["optimizer"], set(stored))
+    else:
+        del template["optimizer"]
 
     def for_this_layout(saved: dict) -> dict:
+        if not with_optimizer:
+            return saved
         return {**saved, "optimizer": reshard.adapt_optimizer_common(saved["optimizer"], optimizer)}
 
     state = _load(template, path, for_this_layout)
-    ddp.module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    _load_model_state(ddp.module, state["model"])
+    if with_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if same_layout:
         _set_rng_state(state["rng"])
