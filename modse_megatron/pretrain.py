@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from modse_megatron.training.arguments import ConfigError, PretrainArgs, parse_args, world_layout
+from modse_megatron.platform.messages import quiet_megatron_warnings
 from modse_megatron.training.supervision import write_error_line
 
 # Set once the process group exists: the side group that names ranks that stop answering.
@@ -236,22 +237,10 @@ def _user_errors() -> tuple[type, ...]:
     return (ConfigError, PlatformError, CheckpointError, DataError, NonFiniteError)
 
 
-def _quiet_known_warnings() -> None:
-    """Warnings megatron-core 0.16.1 triggers on every run that a user cannot act on."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf", category=UserWarning)
-    warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
-    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
-    # megatron's dist_checkpointing still builds torch's ShardedTensor (deprecated in favour of DTensor)
-    warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
-
-
 def main(argv: list[str] | None = None) -> int:
     from modse_megatron.training.supervision import is_collective_failure
 
-    _quiet_known_warnings()
+    quiet_megatron_warnings()
     try:
         args = parse_args(argv)
         run(args)

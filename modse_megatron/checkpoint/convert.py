@@ -98,13 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         import modse_megatron  # noqa: F401  (CPU layer before megatron is imported)
-        from modse_megatron.pretrain import _quiet_known_warnings
+        from modse_megatron.platform.messages import quiet_megatron_warnings
 
-        _quiet_known_warnings()
+        quiet_megatron_warnings()
         return {"inspect": _inspect, "reshard": _reshard, "export": _export, "import": _import,
                 "verify": _verify}[args.command](args)
     except (CheckpointError, ValueError) as err:
         fail(PROG, str(err))
+    except BrokenPipeError:  # output piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:
         fail(PROG, f"{err.strerror or err}{f' ({err.filename})' if err.filename else ''}: check the path and free space")
 

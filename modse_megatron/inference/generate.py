@@ -133,15 +133,18 @@ def _load_model(load: Path, workdir: str, device: str, dtype: Optional[torch.dty
                               "give a directory written by `modse-convert export` or `modse-pretrain --save`")
         try:
             from modse_megatron.checkpoint.export import export_checkpoint
+            from modse_megatron.platform.messages import quiet_megatron_warnings
+
+            quiet_megatron_warnings()
         except ImportError:
             raise ExportError(f"{load} is a training checkpoint: export it first with "
                               f"`modse-convert export {load} OUT_DIR` and pass --load OUT_DIR") from None
         try:
-            export_checkpoint(str(load), workdir)
+            export_checkpoint(str(load), Path(workdir) / "export")
         except Exception as err:  # the exporter's own one-line errors, or anything else: one line
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ExportError(f"exporting training checkpoint {load} failed: {reason}") from None
-        load = Path(workdir)
+        load = Path(workdir) / "export"
     return ReferenceGPT.from_export(load, device=device, dtype=dtype), load
 
 
