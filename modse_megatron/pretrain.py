@@ -100,15 +100,17 @@ def _lock_save_dir(args: PretrainArgs):
     import torch.distributed as dist
 
     from modse_megatron.checkpoint.lock import SaveDirLockedError, SaveLock
+    from modse_megatron.training import checkpointing
     from modse_megatron.training.supervision import start_orphan_watchdog
 
     lock, outcome = None, [None, None]
     if args.run.save and dist.get_rank() == 0:
         try:
             lock = SaveLock(args.run.save, args.run.save_lock_timeout).acquire()
-            outcome = [None, lock.message]
             for leftover in Path(args.run.save).glob("iter_*.tmp"):
                 shutil.rmtree(leftover, ignore_errors=True)
+            moved = checkpointing.commit_interrupted_save(args.run.save)
+            outcome = [None, "; ".join(m for m in (lock.message, moved) if m) or None]
         except SaveDirLockedError as err:
             outcome = [str(err), None]
     dist.broadcast_object_list(outcome, src=0)

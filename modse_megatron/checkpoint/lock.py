@@ -7,8 +7,9 @@ its mtime while it runs (the heartbeat) and removes it at the end. Another job:
 
 * fails at once naming the holder, if the holder is alive;
 * takes the lock over, with a message, when it is stale: the holder's pid is dead on this
-  host, the holder is an earlier incarnation of the same torchrun/SLURM job (an elastic restart),
-  or its heartbeat is older than ``--save-lock-timeout`` (a holder on another host).
+  host, the holder (on another host) is an earlier restart attempt of the same torchrun/SLURM
+  job, or its heartbeat is older than ``--save-lock-timeout`` (a holder on another host). A live
+  holder on this host is never taken over, even with the same job id.
 """
 from __future__ import annotations
 
@@ -120,10 +121,12 @@ class SaveLock:
             return float("inf")
 
     def _stale_reason(self, holder: Holder, age: float) -> str | None:
-        if holder.job and holder.job == self.me.job and holder.pid != self.me.pid:
-            return "an earlier run of this job (elastic restart)"
         if holder.host == self.me.host and holder.pid > 0:
             return None if _pid_alive(holder.pid) else "its process is gone"
+        if holder.job and holder.job == self.me.job and holder.restarts < self.me.restarts:
+            # another host, same torchrun/SLURM job, an earlier attempt: torchrun only restarts
+            # after stopping every worker of the previous attempt
+            return "an earlier attempt of this job (elastic restart)"
         if age > self.timeout_s:
             return f"no heartbeat for {age:.0f} s (> --save-lock-timeout {self.timeout_s:.0f})"
         return None

@@ -89,6 +89,26 @@ def _fix_orphaned_checkpoint_queue() -> None:
     filesystem_async._get_write_results_queue = _get_write_results_queue
 
 
+def _fix_orphaned_checkpoint_writers() -> None:
+    """``FileSystemWriterAsync.write_preloaded_data`` runs in processes forked per save
+    (filesystem_async.py:291); when the training process is SIGKILLed mid-write, the last writer
+    blocks forever in ``count_queue.task_done()`` (:412) with its memory and the job's stdout held.
+    Each writer now ends within a second of its parent."""
+    import functools
+    import os
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    original = FileSystemWriterAsync.write_preloaded_data
+
+    @functools.wraps(original)
+    def write_preloaded_data(*args, **kwargs):
+        _exit_with_parent(os.getppid())
+        return original(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(write_preloaded_data)
+
+
 def install() -> None:
     """Apply the fixes once; the optimizer ones only where megatron runs without apex/TE."""
     global _installed
@@ -100,4 +120,5 @@ def install() -> None:
         _fix_fully_reshardable_optimizer_load()
         _fix_shared_adam_step_after_load()
     _fix_orphaned_checkpoint_queue()
+    _fix_orphaned_checkpoint_writers()
     _installed = True

@@ -163,7 +163,7 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
         latest = latest_iteration(root)
         kept = f"earlier checkpoints are intact (latest: {iteration_dir(root, latest)})" if latest is not None else "no earlier checkpoint"
         raise CheckpointError(f"could not write checkpoint {final.name}: {cause}; the partial checkpoint "
-                              f"was removed and {kept}: free disk space or choose another --save directory")
+                              f"was removed and {kept}: {_save_fix(cause)}")
     if dist.get_rank() == 0:
         os.replace(tmp, final)
         tracker_tmp = Path(root) / (TRACKER + ".tmp")
@@ -171,6 +171,16 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
         os.replace(tracker_tmp, Path(root) / TRACKER)
     dist.barrier()
     return final
+
+
+def _save_fix(cause: str) -> str:
+    if "No space" in cause or "quota" in cause.lower():
+        return "free disk space or choose another --save directory"
+    if "No such file" in cause:
+        return "the checkpoint directory disappeared while writing (is another job or a clean-up using --save?)"
+    if "Permission" in cause or "Read-only" in cause:
+        return "make --save writable or choose another directory"
+    return "check the file system of --save (or choose another directory) and resume with --load"
 
 
 def _describe(failure: BaseException | None) -> str:
@@ -229,6 +239,25 @@ def verify_checkpoint(path: Path, enabled: bool = True) -> None:
     first = next((p for p in problems if p), None)
     if first:
         raise manifest.IntegrityError(f"{first}: {manifest.problem_hint()}")
+
+
+def commit_interrupted_save(root: str) -> str | None:
+    """Finish a save killed between renaming ``iter_N`` into place and updating the tracker:
+    the directory is complete (it is renamed only after every rank wrote it and the manifest
+    is in), so the tracker moves forward to it. Without this every resume would stop at
+    iteration N with "iter_N already exists". Returns what was done, or None. Call under the
+    --save lock."""
+    tracked = latest_iteration(root)
+    done = [int(p.name[5:]) for p in Path(root).glob("iter_*")
+            if p.is_dir() and p.name[5:].isdigit() and (p / manifest.MANIFEST).is_file()]
+    newest = max(done, default=None)
+    if newest is None or (tracked is not None and newest <= tracked):
+        return None
+    tracker_tmp = Path(root) / (TRACKER + ".tmp")
+    tracker_tmp.write_text(str(newest))
+    os.replace(tracker_tmp, Path(root) / TRACKER)
+    return (f"{iteration_dir(root, newest).name} is complete but the tracker named iteration {tracked} (a save was "
+            f"interrupted after its rename): continuing from iteration {newest}")
 
 
 def _latest_path(root: str) -> Path:

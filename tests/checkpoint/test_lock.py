@@ -58,9 +58,27 @@ def test_other_host_needs_timeout(tmp_path):
 
 
 def test_same_job_restart_takes_over(tmp_path, monkeypatch):
-    """An elastic restart: the lock of the same torchrun job (another host, fresh heartbeat)."""
+    """An elastic restart: the lock of an earlier attempt of the same torchrun job on another
+    host (fresh heartbeat) is taken over."""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
-    _write_lock(tmp_path, host="elsewhere", pid=1, job="TORCHELASTIC_RUN_ID=job42")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    _write_lock(tmp_path, host="elsewhere", pid=1, job="TORCHELASTIC_RUN_ID=job42", restarts=0)
     lock = SaveLock(tmp_path, 600).acquire()
     assert "elastic restart" in lock.message
     lock.release()
+
+
+def test_same_job_id_never_takes_a_live_lock(tmp_path, monkeypatch):
+    """Two jobs launched with the same rendezvous id: the second must not steal the lock."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "modse")
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        _write_lock(tmp_path, pid=holder.pid, job="TORCHELASTIC_RUN_ID=modse")
+        with pytest.raises(SaveDirLockedError):
+            SaveLock(tmp_path, 600).acquire()
+        _write_lock(tmp_path, host="elsewhere", pid=1, job="TORCHELASTIC_RUN_ID=modse", restarts=0)
+        with pytest.raises(SaveDirLockedError):  # same attempt number on another host: a live job
+            SaveLock(tmp_path, 600).acquire()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -64,3 +64,20 @@ def test_files_of_rank_partition():
     parts = [manifest.files_of_rank(names, r, 2) for r in range(2)]
     assert sorted(parts[0] + parts[1]) == sorted(names)
     assert parts[1] == ["__1_0.distcp", "__3_0.distcp"]
+
+
+def test_interrupted_save_is_committed(tmp_path):
+    """Killed between renaming iter_N into place and updating the tracker: the complete
+    directory becomes the latest checkpoint (else every resume stops at "already exists")."""
+    from modse_megatron.training.checkpointing import commit_interrupted_save, latest_iteration
+
+    for it in (30, 35):
+        d = tmp_path / f"iter_{it:07d}"
+        d.mkdir()
+        manifest.write_manifest(d, {})
+    (tmp_path / "iter_0000040").mkdir()  # no manifest: not a finished save, never committed
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("30")
+    message = commit_interrupted_save(str(tmp_path))
+    assert "iter_0000035 is complete but the tracker named iteration 30" in message
+    assert latest_iteration(str(tmp_path)) == 35
+    assert commit_interrupted_save(str(tmp_path)) is None
