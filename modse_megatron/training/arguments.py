@@ -46,14 +46,14 @@ class ModelArgs:
     swiglu: bool = _opt(False, "Use SwiGLU FFNs (dense and experts).")
     disable_bias_linear: bool = _opt(False, "No biases in linear layers.")
     untie_embeddings_and_output_weights: bool = _opt(False, "Separate input embedding and output layer.")
-    hidden_dropout: float = _opt(0.0, "Dropout on hidden states.")
-    attention_dropout: float = _opt(0.0, "Dropout on attention probabilities.")
+    hidden_dropout: float = _opt(0.0, "Dropout on hidden states.", megatron='0.1')
+    attention_dropout: float = _opt(0.0, "Dropout on attention probabilities.", megatron='0.1')
     init_method_std: float = _opt(0.02, "Std of the normal weight initialisation.")
     num_experts: int | None = _opt(None, "Experts per MoE layer; 0 or unset = dense model.")
     moe_ffn_hidden_size: int | None = _opt(None, "Uniform expert width; MoDSE widths are scaled to the same total.")
     moe_router_topk: int = _opt(2, "Experts per token.")
     moe_layer_freq: int = _opt(1, "Every n-th layer is an MoE layer (1 = all).")
-    moe_aux_loss_coeff: float = _opt(1e-2, "Load-balancing auxiliary loss coefficient.")
+    moe_aux_loss_coeff: float = _opt(1e-2, "Load-balancing auxiliary loss coefficient.", megatron='0.0')
     moe_z_loss_coeff: float | None = _opt(None, "Router z-loss coefficient.")
     moe_router_load_balancing_type: str = _opt("aux_loss", "aux_loss, seq_aux_loss, global_aux_loss or none.",
                                                choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "none"))
@@ -62,7 +62,7 @@ class ModelArgs:
     moe_expert_capacity_factor: float | None = _opt(None, "Capacity factor (token dropping); unset = dropless.")
     moe_token_drop_policy: str = _opt("probs", "Which tokens to drop over capacity: probs or position.",
                                       choices=("probs", "position"))
-    moe_token_dispatcher_type: str = _opt("alltoall", "alltoall or allgather.", choices=("alltoall", "allgather"))
+    moe_token_dispatcher_type: str = _opt("alltoall", "alltoall or allgather.", choices=("alltoall", "allgather"), megatron='allgather')
     moe_shared_expert_intermediate_size: int | None = _opt(None, "Width of a shared (generalist) expert.")
     moe_layer_impl: str = _opt("modse", "modse (variable-width experts) or megatron (megatron's uniform MoE layer, the baseline).",
                                choices=("modse", "megatron"))
@@ -80,7 +80,7 @@ class ParallelArgs:
     expert_model_parallel_size: int = _opt(1, "Expert-parallel size.")
     expert_tensor_parallel_size: int | None = _opt(None, "Expert tensor-parallel size (default: = TP).")
     sequence_parallel: bool = _opt(False, "Sequence parallelism (needs TP > 1).")
-    use_distributed_optimizer: bool = _opt(True, "Shard optimizer state over DP ranks (ZeRO-1).")
+    use_distributed_optimizer: bool = _opt(True, "Shard optimizer state over DP ranks (ZeRO-1).", megatron='False')
     device: str = _opt("auto", "auto, cpu (gloo) or cuda (nccl).", choices=("auto", "cpu", "cuda"))
     distributed_timeout_minutes: float = _opt(10.0, "Timeout of collectives; a rank that stops answering is "
                                                     "named in an error within this + 60 s.")
@@ -94,13 +94,13 @@ class OptimArgs:
     global_batch_size: int | None = _opt(None, "Sequences per step (default: micro batch x DP); gradient accumulation makes up the rest.")
     train_iters: int = _opt(100, "Optimizer steps.")
     lr: float = _opt(1e-3, "Peak learning rate.")
-    min_lr: float = _opt(1e-4, "Final learning rate of the decay.")
-    lr_warmup_iters: int = _opt(10, "Linear warm-up steps.")
+    min_lr: float = _opt(1e-4, "Final learning rate of the decay.", megatron='0.0')
+    lr_warmup_iters: int = _opt(10, "Linear warm-up steps.", megatron='0')
     lr_decay_iters: int | None = _opt(None, "Decay steps (default: train iters).")
-    lr_decay_style: str = _opt("cosine", "cosine, linear or constant.", choices=("cosine", "linear", "constant"))
-    weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to biases and norms).")
+    lr_decay_style: str = _opt("cosine", "cosine, linear or constant.", choices=("cosine", "linear", "constant"), megatron='linear')
+    weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to biases and norms).", megatron='0.01')
     adam_beta1: float = _opt(0.9, "Adam beta1.")
-    adam_beta2: float = _opt(0.95, "Adam beta2.")
+    adam_beta2: float = _opt(0.95, "Adam beta2.", megatron='0.999')
     adam_eps: float = _opt(1e-8, "Adam epsilon.")
     clip_grad: float = _opt(1.0, "Global gradient-norm clip (0 = off).")
     skip_nonfinite_steps: int = _opt(0, "Skip up to this many updates whose loss or gradients are NaN/Inf "
@@ -123,8 +123,8 @@ class DataArgs:
 class RunArgs:
     """Evaluation, checkpoints and logs."""
 
-    eval_interval: int = _opt(50, "Evaluate on the validation split every n steps.")
-    eval_iters: int = _opt(4, "Batches per evaluation.")
+    eval_interval: int = _opt(50, "Evaluate on the validation split every n steps.", megatron='1000')
+    eval_iters: int = _opt(4, "Batches per evaluation.", megatron='100')
     save: str | None = _opt(None, "Checkpoint directory to save to.")
     load: str | None = _opt(None, "Checkpoint directory to resume from.")
     finetune: bool = _opt(False, "With --load: take only the model weights (any layout), start at iteration 0 with a fresh optimizer.")
@@ -132,7 +132,7 @@ class RunArgs:
     save_interval: int | None = _opt(None, "Save every n steps (and always at the end when --save is set).")
     exit_interval: int | None = _opt(None, "Stop (after saving) once this iteration is reached.")
     log_dir: str = _opt("runs/latest", "Directory for metrics.jsonl, the loss plot and TensorBoard.")
-    log_interval: int = _opt(1, "Write metrics every n steps.")
+    log_interval: int = _opt(1, "Write metrics every n steps.", megatron='100')
     tensorboard: bool = _opt(False, "Also write TensorBoard events (needs the tensorboard package).")
     progress: bool = _opt(True, "Show a progress bar on rank 0.")
     save_lock_timeout: float = _opt(600.0, "Seconds without a heartbeat after which another host's lock on --save "
@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
             help_text = f.metadata.get("help", "")
             hint, _ = _base_type(f.type)
             default = f.default if f.default is not dataclasses.MISSING else None
-            help_text += f" (default: {default})"
+            theirs = f.metadata.get("megatron")
+            help_text += f" (default: {default}" + (f"; Megatron-LM: {theirs}" if theirs is not None else "") + ")"
             if hint is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, dest=f.name)
             elif typing.get_origin(hint) is list:
@@ -288,6 +289,11 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+#: Options that are alternative ways to say one thing: a command-line flag for one of them
+#: replaces whichever of them the YAML file set (instead of "both set").
+_ALTERNATIVES = (("moe_expert_widths", "moe_expert_size_ratios", "moe_expert_size_preset"),)
+
+
 def parse_args(argv: list[str] | None = None) -> PretrainArgs:
     """Defaults < YAML < command line; then every section's validation."""
     fields = _fields()
@@ -307,6 +313,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainArgs:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise ConfigError(f"unknown option {key!r} in the config file{hint}: remove or rename it")
             values[name] = _coerce(name, value, fields[name][1])
+    for group in _ALTERNATIVES:  # a flag replaces the YAML's choice among alternative specs
+        if any(name in cli for name in group):
+            for name in group:
+                values.pop(name, None)
     values.update(cli)
     by_section: dict[type, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
