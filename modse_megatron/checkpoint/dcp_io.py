@@ -17,6 +17,7 @@ reshards under any layout like a checkpoint it wrote itself. No process group is
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -140,18 +141,36 @@ class CheckpointReader:
             raise CheckpointError(f"a chunk of {key} in {self.path} is not a tensor: the checkpoint is damaged")
         return chunk
 
-    def read_chunks(self, key: str) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
-        """(global offsets, tensor) of every stored chunk of ``key``."""
-        for index, info in self._items(key):
-            where = f"{key} ({self.path / info.relative_path})"
+    def _load_item(self, info, key: str) -> Any:
+        """One stored item decoded straight from its byte range (no copy of its bytes in
+        memory: torch reads the zip through a file view, as DCP's own reader does)."""
+        from torch.distributed.checkpoint.utils import _create_file_view
+
+        path = self.path / info.relative_path
+        if info.transform_descriptors:
+            raise CheckpointError(f"{path} uses storage transforms {list(info.transform_descriptors)} this tool does not "
+                                  f"read: re-save the checkpoint without them")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (restore it)")
+        if path.stat().st_size < info.offset + info.length:
+            raise CheckpointError(f"{path} is truncated (item at byte {info.offset} needs {info.length} bytes): "
+                                  f"restore the checkpoint from a good copy")
+        where = f"{key} ({path})"
+        with open(path, "rb") as f:
             try:
-                chunk = safe_load.safe_torch_load(io.BytesIO(self._read_bytes(info)), where)
+                return safe_load.safe_torch_load(_create_file_view(f, info.offset, info.length), where)
             except CheckpointError:
                 raise
             except Exception as err:
-                raise CheckpointError(f"chunk of {where} is damaged ({type(err).__name__}): restore the checkpoint") from None
+                raise CheckpointError(f"item {where} is damaged ({type(err).__name__}): restore the checkpoint") from None
+
+    def read_chunks(self, key: str) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+        """(global offsets, tensor) of every stored chunk of ``key``."""
+        for index, info in self._items(key):
+            chunk = self._load_item(info, key)
             if not isinstance(chunk, torch.Tensor):
-                raise CheckpointError(f"chunk of {where} is not a tensor: the checkpoint is damaged")
+                raise CheckpointError(f"chunk of {key} ({self.path / info.relative_path}) is not a tensor: the checkpoint "
+                                      f"is damaged")
             yield tuple(int(o) for o in (index.offset or ())), chunk
 
     def read(self, key: str, info: TensorInfo | None = None) -> torch.Tensor:
@@ -168,7 +187,7 @@ class CheckpointReader:
 
     def read_object(self, key: str) -> Any:
         (index, info), = self._items(key)
-        return safe_load.safe_torch_load(io.BytesIO(self._read_bytes(info)), f"{key} ({self.path / info.relative_path})")
+        return self._load_item(info, key)
 
     def raw_items(self) -> Iterator[tuple[Any, Any, bytes]]:
         """(MetadataIndex, storage info, stored bytes) of every item, file by file in offset
@@ -176,6 +195,54 @@ class CheckpointReader:
         order = sorted(self._storage.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset))
         for index, info in order:
             yield index, info, self._read_bytes(info)
+
+
+class _HashingFile:
+    """A write-only file that hashes what goes through it (the manifest's SHA-256 without
+    reading the file back)."""
+
+    def __init__(self, path: Path):
+        import hashlib
+
+        self._f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.sha.update(view)
+        self.size += view.nbytes
+        return self._f.write(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+
+@contextlib.contextmanager
+def _fast_torch_save():
+    """torch.save without its zip CRC32 (twice as fast here; the SHA-256 manifest covers the
+    bytes), restored afterwards."""
+    from torch.utils.serialization import config
+
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = previous
 
 
 class CheckpointWriter:
@@ -190,7 +257,7 @@ class CheckpointWriter:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=False)
         self.file_name = file_name
-        self._stream = open(self.path / file_name, "wb")
+        self._stream = _HashingFile(self.path / file_name)
         self.metadata = Metadata(state_dict_metadata={}, storage_data={})
         self._index_counts: dict[str, int] = {}
 
@@ -216,7 +283,8 @@ class CheckpointWriter:
         md = self._tensor_md(key, global_shape, chunk.dtype)
         md.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(chunk.shape)))
         start = self._stream.tell()
-        torch.save(chunk, self._stream)
+        with _fast_torch_save():
+            torch.save(chunk, self._stream)
         index = MetadataIndex(key, torch.Size(offsets), self._index_counts.get(key, 0))
         self._index_counts[key] = index.index + 1
         self.metadata.storage_data[index] = _StorageInfo(self.file_name, start, self._stream.tell() - start)
@@ -250,7 +318,9 @@ class CheckpointWriter:
             pickle.dump(self.metadata, f)
         torch.save(common, self.path / COMMON)
         (self.path / MEGATRON_METADATA).write_text(json.dumps(_FORMAT))
-        digests = {name: manifest.file_digest(self.path / name) for name in manifest.checkpoint_files(self.path)}
+        digests = {name: manifest.file_digest(self.path / name) for name in manifest.checkpoint_files(self.path)
+                   if name != self.file_name}
+        digests[self.file_name] = {"size": self._stream.size, "sha256": self._stream.sha.hexdigest()}  # hashed while written
         manifest.write_manifest(self.path, digests)
 
     def abort(self) -> None:
