@@ -166,7 +166,9 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
 
     datasets, tokenizer = _datasets(args, layout)
     config = transformer_config(args)
-    model = build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.parallel.tensor_model_parallel_size))
+    vocab_rows = padded_vocab_size(tokenizer.vocab_size, args.parallel.tensor_model_parallel_size)
+    loads, replan_message = _replan_at_load(args)  # may change args' placement before the model exists
+    model = build_model(args, config, vocab_rows)
     ddp, optimizer, scheduler = wrap_and_optimize(args, config, model)
     state = TrainState()
     if args.run.load and (args.run.finetune or checkpointing.is_weights_only(args.run.load)):
@@ -184,8 +186,11 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
                             progress=args.run.progress, tensorboard=args.run.tensorboard)
     trainer = Trainer(args, layout, config, ddp, optimizer, scheduler, datasets, metrics, state,
                       heartbeat=lock.heartbeat if lock else None, watch=_WATCH)
-    if lock_message:
-        metrics.message(f"modse-pretrain: {lock_message}")
+    if args.run.moe_replan_interval:
+        trainer.replanner = _replanner(args, config, vocab_rows, trainer, metrics, loads, tokenizer)
+    for message in (lock_message, replan_message):
+        if message:
+            metrics.message(f"modse-pretrain: {message}")
     nparams = sum(p.numel() for p in model.parameters())
     metrics.message(
         f"modse-pretrain: world {layout['world_size']} ({layout['device']}), TP {args.parallel.tensor_model_parallel_size} "
@@ -202,10 +207,8 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
         nonlocal saved, saved_iteration
         t.check_finite_parameters()  # never write a checkpoint of NaN/Inf weights
         _WATCH.where = f"the save of iteration {t.state.iteration}"
-        meta = {"consumed_samples": t.state.consumed_samples, "skipped_nonfinite": t.state.skipped_nonfinite,
-                "args": args.to_dict(), "tokenizer_path": tokenizer.path, "tokenizer_vocab_size": tokenizer.vocab_size,
-                "eod_token_id": tokenizer.eod}
-        saved = checkpointing.save_checkpoint(args.run.save, t.state.iteration, ddp, optimizer, scheduler, meta)
+        saved = checkpointing.save_checkpoint(args.run.save, t.state.iteration, t.ddp, t.optimizer, t.scheduler,
+                                              _save_meta(args, t, tokenizer))
         saved_iteration = t.state.iteration
         t.last_checkpoint = str(saved)
         metrics.message(f"saved checkpoint {saved}")
@@ -223,6 +226,77 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
               + (f", plot {plot}" if plot else "") + (f", checkpoint {saved}" if saved else ""), flush=True)
     return {**final, "metrics": str(metrics.dir / "metrics.jsonl"), "plot": str(plot) if plot else None,
             "checkpoint": str(saved) if saved else None}
+
+
+def _save_meta(args: PretrainArgs, trainer, tokenizer) -> dict:
+    """What a checkpoint records beside the tensors."""
+    meta = {"consumed_samples": trainer.state.consumed_samples, "skipped_nonfinite": trainer.state.skipped_nonfinite,
+            "args": args.to_dict(), "tokenizer_path": tokenizer.path, "tokenizer_vocab_size": tokenizer.vocab_size,
+            "eod_token_id": tokenizer.eod}
+    if trainer.replanner is not None:
+        meta["replan_loads"] = trainer.replanner.loads.state()
+    return meta
+
+
+def _replan_at_load(args: PretrainArgs):
+    """With --moe-replan-interval, resume with a placement planned for the loads the
+    checkpoint recorded (the checkpoint itself is placement-free). Returns (loads, message)."""
+    from modse_megatron.moe.replan import LoadStats, propose
+    from modse_megatron.placement.layout import resolve_ranks
+    from modse_megatron.training import checkpointing
+
+    r = args.run
+    if not r.moe_replan_interval:
+        return None, None
+    loads = LoadStats(args.model.num_experts, r.moe_replan_ema_decay)
+    if not r.load or r.finetune or checkpointing.latest_iteration(r.load) is None:
+        return loads, None
+    from modse_megatron.checkpoint import safe_load
+
+    meta = safe_load.load_common(checkpointing.iteration_dir(r.load, checkpointing.latest_iteration(r.load))).get("meta", {})
+    loads = LoadStats.from_state(meta.get("replan_loads"), args.model.num_experts, r.moe_replan_ema_decay)
+    if not loads.ema:
+        return loads, None
+    widths, ep = args.expert_widths(), args.parallel.expert_model_parallel_size
+    current = resolve_ranks(args.modse.moe_expert_placement, widths, ep)
+    proposal = propose(widths, loads.ema, ep, current, policy="planner", min_gain=r.moe_replan_min_gain,
+                       move_slack=r.moe_replan_move_slack)
+    if not proposal.migrate:
+        return loads, None
+    args.modse.moe_expert_placement = ",".join(map(str, proposal.ranks))
+    return loads, (f"placement re-planned from the checkpoint's loads ({proposal.moved_experts} experts moved, compute "
+                   f"max/mean {proposal.before:.3f} -> {proposal.after:.3f})")
+
+
+def _replanner(args: PretrainArgs, config, vocab_rows: int, trainer, metrics, loads, tokenizer):
+    """The Replanner with its migration: save the whole state, rebuild with the new placement,
+    load it back (see modse_megatron.training.replanning)."""
+    import torch.distributed as dist
+
+    from modse_megatron.placement.layout import resolve_ranks
+    from modse_megatron.training import checkpointing, replanning
+    from modse_megatron.training.model import build_model, wrap_and_optimize
+
+    def migrate(ranks: list[int]) -> None:
+        root = replanning.migration_dir(args)
+        if dist.get_rank() == 0:
+            replanning.clear_migration_dir(root)
+        dist.barrier()
+        checkpointing.save_checkpoint(str(root), trainer.state.iteration, trainer.ddp, trainer.optimizer,
+                                      trainer.scheduler, _save_meta(args, trainer, tokenizer))
+        args.modse.moe_expert_placement = ",".join(map(str, ranks))
+        ddp, optimizer, scheduler = wrap_and_optimize(args, config, build_model(args, config, vocab_rows))
+        checkpointing.load_checkpoint(str(root), ddp, optimizer, scheduler, verify=False)
+        trainer.swap(ddp, optimizer, scheduler)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            replanning.clear_migration_dir(root)
+
+    widths, ep = args.expert_widths(), args.parallel.expert_model_parallel_size
+    ranks = resolve_ranks(args.modse.moe_expert_placement, widths, ep)
+    moe_layers = len([i for i in range(args.model.num_layers) if i % args.model.moe_layer_freq == 0])
+    bytes_per_param = (2 if args.model.bf16 else 4) + 8 + (4 if args.model.bf16 else 0)  # weight, 2 moments, fp32 main
+    return replanning.Replanner(args, widths, ep, ranks, loads, migrate, metrics, moe_layers, bytes_per_param)
 
 
 def _same_dir(a: str | None, b: str | None) -> bool:

@@ -135,6 +135,16 @@ class RunArgs:
     log_interval: int = _opt(1, "Write metrics every n steps.", megatron='100')
     tensorboard: bool = _opt(False, "Also write TensorBoard events (needs the tensorboard package).")
     progress: bool = _opt(True, "Show a progress bar on rank 0.")
+    moe_replan_interval: int = _opt(0, "Re-plan the expert placement from the observed loads every n steps and "
+                                       "migrate experts live when it pays (0 = off).")
+    moe_replan_min_gain: float = _opt(0.03, "Migrate only when the predicted max-rank compute improves by more "
+                                            "than this fraction.")
+    moe_replan_policy: str = _opt("planner", "planner (the C++ planner on the observed loads) or random (a random "
+                                             "equal-memory placement every time: tests migration).",
+                                  choices=("planner", "random"))
+    moe_replan_move_slack: float = _opt(0.01, "Accept a plan this fraction worse in max compute if it moves fewer "
+                                              "bytes.")
+    moe_replan_ema_decay: float = _opt(0.9, "Decay of the moving average of tokens per expert (per step).")
     save_lock_timeout: float = _opt(600.0, "Seconds without a heartbeat after which another host's lock on --save "
                                            "counts as stale and is taken over.")
     debug_nonfinite_at: list[int] | None = _opt(None, "Testing aid: make the loss of these iterations NaN "
@@ -369,6 +379,12 @@ def validate(args: PretrainArgs) -> None:
         raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model): add --bf16")
     if p.distributed_timeout_minutes <= 0:
         raise ConfigError("--distributed-timeout-minutes must be positive")
+    r = args.run
+    if r.moe_replan_interval < 0 or not 0 <= r.moe_replan_ema_decay < 1 or r.moe_replan_min_gain < 0:
+        raise ConfigError("--moe-replan-interval must be >= 0, --moe-replan-ema-decay in [0, 1), --moe-replan-min-gain >= 0")
+    if r.moe_replan_interval and (not m.num_experts or m.moe_layer_impl != "modse" or p.expert_model_parallel_size < 2):
+        raise ConfigError("--moe-replan-interval moves experts between EP ranks: it needs a MoDSE MoE model "
+                          "(--num-experts, --moe-layer-impl modse) with --expert-model-parallel-size > 1")
     if o.skip_nonfinite_steps < 0:
         raise ConfigError("--skip-nonfinite-steps must be 0 or more")
     if args.run.save_interval is not None and args.run.save_interval <= 0:

@@ -80,7 +80,8 @@ class Trainer:
     """Owns the model, optimizer, data and logging of one run."""
 
     def __init__(self, args: PretrainArgs, layout: dict[str, int], config, ddp, optimizer, scheduler,
-                 datasets: tuple, metrics: MetricsWriter, state: TrainState, heartbeat=None, watch=None):
+                 datasets: tuple, metrics: MetricsWriter, state: TrainState, heartbeat=None, watch=None,
+                 replanner=None):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -97,6 +98,12 @@ class Trainer:
         self.watch = watch  # names the phase in errors about ranks that stop answering
         self.last_checkpoint: str | None = None
         self._poison = set(args.run.debug_nonfinite_at or ())
+        self.replanner = replanner  # --moe-replan-interval: load statistics and live migration
+
+    def swap(self, ddp, optimizer, scheduler) -> None:
+        """Continue with a rebuilt model/optimizer (a placement migration)."""
+        self.ddp, self.optimizer, self.scheduler = ddp, optimizer, scheduler
+        self.routers = [m for m in ddp.module.modules() if hasattr(m, "routing_stats")]
 
     # ------------------------------------------------------------------ one step
     def _run_schedule(self, dataset, start: int, forward_only: bool, poison: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -255,6 +262,8 @@ class Trainer:
             if self.watch is not None:
                 self.watch.where = f"iteration {self.state.iteration + 1}"
             record = self.train_step()
+            if self.replanner is not None:
+                self.replanner.observe(record)
             tps, dt = timer.lap(tokens_per_step)
             record["tokens_per_sec"], record["step_time_s"] = tps, dt
             it = self.state.iteration
@@ -263,6 +272,8 @@ class Trainer:
             self.metrics.advance()
             if it % a.run.eval_interval == 0 and it < a.optim.train_iters:
                 self.evaluate("valid")
+            if self.replanner is not None and it < a.optim.train_iters:
+                self.replanner.maybe_replan(it)
             if a.run.save and a.run.save_interval and it % a.run.save_interval == 0 and it < a.optim.train_iters:
                 save_fn(self)
             if a.run.exit_interval and it >= a.run.exit_interval:

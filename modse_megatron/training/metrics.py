@@ -2,10 +2,13 @@
 
 ``metrics.jsonl`` holds one JSON object per logged training iteration::
 
-    {"iteration", "lm_loss", "lr", "tokens_per_sec", "step_time_s", "grad_norm",
-     "load_balancing_loss"?, "z_loss"?, "tokens_per_expert"?: {layer: [per logical expert]}}
+    {"iteration", "lm_loss" (null when NaN/Inf), "lr", "tokens_per_sec", "step_time_s", "grad_norm",
+     "skipped", "skipped_nonfinite", "load_balancing_loss"?, "z_loss"?,
+     "tokens_per_expert"?: {layer: [per logical expert]},
+     "compute_max_over_mean"?: max / mean over EP ranks of Σ tokens x width (with re-planning)}
 
-and one per evaluation: ``{"iteration", "split": "valid"|"test", "lm_loss"}``. The loss plot
+one per evaluation: ``{"iteration", "split": "valid"|"test", "lm_loss"}``, and one per event,
+e.g. ``{"iteration", "event": "replan", "moved_experts", "moved_bytes", ...}``. The loss plot
 (``loss.png``) is drawn from that file at the end, so it always matches what was logged.
 """
 from __future__ import annotations
@@ -51,10 +54,19 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and key != "iteration":
                     self._tb.add_scalar(f"train/{key}", value, record["iteration"])
         if self._bar is not None:
-            post = {"loss": f"{record['lm_loss']:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_sec']:.0f}"}
+            loss = record["lm_loss"]
+            post = {"loss": "nan" if loss is None else f"{loss:.3f}", "lr": f"{record['lr']:.2e}",
+                    "tok/s": f"{record['tokens_per_sec']:.0f}"}
             if "load_balancing_loss" in record:
                 post["aux"] = f"{record['load_balancing_loss']:.3f}"
+            if "compute_max_over_mean" in record:  # EP ranks' compute imbalance (Σ tokens x width)
+                post["imb"] = f"{record['compute_max_over_mean']:.2f}"
             self._bar.set_postfix(post, refresh=False)
+
+    def event(self, row: dict[str, Any]) -> None:
+        """A non-training row of metrics.jsonl (e.g. ``{"event": "replan", ...}``)."""
+        if self.enabled:
+            self._file.write(json.dumps(row) + "\n")
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -101,7 +113,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
         if "split" in rec:
             if rec["split"] == "valid":
                 valid[rec["iteration"]] = rec["lm_loss"]
-        else:
+        elif "event" not in rec and rec.get("lm_loss") is not None:
             train[rec["iteration"]] = rec["lm_loss"]  # a resumed run overwrites replayed steps
     if not train:
         return None
