@@ -36,10 +36,11 @@ X top-k choices per token, V padded vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -267,12 +268,30 @@ def pool_sequence_logits(logits_BSE, mode: str, cache: Optional[LayerCache], sta
     return (sums_BSE / counts_S1).to(logits_BSE.dtype)
 
 
+@dataclass
+class Routing:
+    """One MoE layer's routing in one forward pass, recorded by :meth:`ReferenceGPT.record_routing`
+    (for analysis: which experts, hence which widths, each token went to, and how surely).
+
+    ``logits_TE`` are the logits top-k was taken over (sequence-pooled for sequence routing),
+    ``probs_TX``/``experts_TX`` what :func:`topk_routing` returned (T = B*S, row-major)."""
+
+    layer: int
+    logits_TE: torch.Tensor
+    probs_TX: torch.Tensor
+    experts_TX: torch.Tensor
+
+
 class MoE(nn.Module):
     """MoDSE MoE layer: router -> top-k -> each expert at its own width (dropless loop over
     experts in logical order) -> probability-weighted sum, + optional (gated) shared expert.
 
     The router's logits are computed in ``moe.router_dtype`` (megatron ``router_gating_linear``);
-    the expert bias is kept in float32 like megatron's."""
+    the expert bias is kept in float32 like megatron's. ``on_routing`` (None unless
+    :meth:`ReferenceGPT.record_routing` is active) sees every routing decision; it never
+    changes the output."""
+
+    on_routing: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None
 
     def __init__(self, cfg: ExportConfig, dtype, device):
         super().__init__()
@@ -297,6 +316,8 @@ class MoE(nn.Module):
             logits_BSE = pool_sequence_logits(logits_BSE, sequence_routing, cache, start)
         x_TD = x_BSD.reshape(B * S, D)
         probs_TX, experts_TX = topk_routing(logits_BSE.reshape(B * S, -1), self.cfg, self.expert_bias)
+        if self.on_routing is not None:
+            self.on_routing(logits_BSE.reshape(B * S, -1), probs_TX, experts_TX)
         y_TD = torch.zeros_like(x_TD)
         for e, expert in enumerate(self.experts):
             tokens, choice = torch.nonzero(experts_TX == e, as_tuple=True)
@@ -411,6 +432,28 @@ class ReferenceGPT(nn.Module):
         model.load_export(path)
         return model.eval()
 
+    @contextlib.contextmanager
+    def record_routing(self) -> Iterator[list[Routing]]:
+        """``with model.record_routing() as routing:`` - every forward inside the block appends
+        one detached :class:`Routing` per MoE layer (in layer order) to the list ``routing``.
+        Outputs are unchanged; outside the block nothing is recorded."""
+        records: list[Routing] = []
+        moes = [(i, layer.mlp) for i, layer in enumerate(self.layers) if layer.is_moe]
+
+        def recorder(index: int):
+            def record(logits_TE, probs_TX, experts_TX) -> None:
+                records.append(Routing(index, logits_TE.detach().clone(), probs_TX.detach().clone(),
+                                       experts_TX.detach().clone()))
+            return record
+
+        for index, moe in moes:
+            moe.on_routing = recorder(index)
+        try:
+            yield records
+        finally:
+            for _, moe in moes:
+                moe.on_routing = None
+
     # ------------------------------------------------------------------ running
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions."""
@@ -477,4 +520,4 @@ def _ffn_names(out: dict, prefix: str, ffn: FFN) -> None:
     _linear_names(out, prefix + "linear_fc2.", ffn.linear_fc2)
 
 
-__all__ = ["FFN", "KVCache", "LayerCache", "MoE", "ReferenceGPT", "SEQUENCE_ROUTING", "pool_sequence_logits", "topk_routing"]
+__all__ = ["FFN", "KVCache", "LayerCache", "MoE", "ReferenceGPT", "Routing", "SEQUENCE_ROUTING", "pool_sequence_logits", "topk_routing"]
