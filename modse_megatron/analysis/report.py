@@ -208,14 +208,23 @@ def markdown(report: dict[str, Any]) -> str:
             rows.append(row)
         lines += _table(header, rows)
     rank = report.get("rank_compute") or {}
-    for key, title in (("from_metrics", "training tokens (metrics.jsonl)"), ("from_eval_routing", "analysed data")):
+    for key, title in (("from_metrics", "the training tokens in metrics.jsonl"), ("from_eval_routing", "the analysed data")):
         section = rank.get(key)
         if section:
-            lines += ["", f"## EP ranks' compute, Σ tokens x width ({title}; EP {section['ep']}, "
+            lines += ["", f"## EP ranks' compute, Σ tokens x width, on {title} (EP {section['ep']}, "
                           f"placement {section['placement']})", ""]
             lines += _table(["layer", "per rank / mean", "max / mean"],
                             [[name, ", ".join(_f(c / (sum(v["compute"]) / section["ep"] or 1.0), 2) for c in v["compute"]),
                               _f(v["max_over_mean"])] for name, v in section["layers"].items()])
+    logged = rank.get("logged_by_training")
+    if logged:
+        lines += ["", "## EP ranks' compute as training logged it (re-planning runs)", ""]
+        if logged["values"]:
+            lines.append(f"max / mean per step: first {_f(logged['first'])}, last {_f(logged['last'])}, "
+                         f"mean {_f(logged['mean'])} over {len(logged['values'])} steps.")
+        for event in logged["replans"]:
+            lines.append(f"- iteration {event['iteration']}: re-planned to placement {event['placement']} "
+                         f"({event['moved_experts']} experts moved)")
     spec = report.get("specialisation")
     if spec:
         topics = f"{spec['topics']} topic" + ("s" if spec["topics"] != 1 else "")

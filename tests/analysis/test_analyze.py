@@ -141,6 +141,9 @@ def test_run_config_gives_placement_and_rank_compute(tmp_path, capsys):
     assert rank["logged_by_training"]["replans"] == [{"iteration": 2, "placement": [0, 1, 1, 0], "moved_experts": 2}]
     assert any("re-planned" in n for n in report["notes"])
     assert "rank_compute.png" in report["plots"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "on the training tokens in metrics.jsonl (EP 2, placement [0, 0, 1, 1])" in md
+    assert "- iteration 2: re-planned to placement [0, 1, 1, 0] (2 experts moved)" in md
 
 
 # ----------------------------------------------------------------------------- exports
