@@ -33,10 +33,11 @@ baseline packs half the items (pairs; with k = 2 it has nothing to decide) or so
 problem, while the planner also searches for and proves a better plan.
 
 ``replicas`` (n = 256 experts, R = 64 ranks, the protocol's Zipf loads, ``--layers`` layers
-per exponent): max compute per rank with ``num_replicas`` redundant copies, against the
-planner without replicas and against EPLB's ``replicate_experts`` + ``balanced_packing``
-(global policy) written from its published description, which may put two copies of one
-expert on one rank (deepseek-ai/EPLB#22; counted).  Gaps are to the planner's replica lower
+per exponent): max compute per rank with ``num_replicas`` redundant copies (copy counts chosen
+with the placement, ``joint_counts``), against the planner with EPLB's greedy counts
+(``joint_counts=False``), the planner without replicas and EPLB's ``replicate_experts`` +
+``balanced_packing`` (global policy) written from its published description, which may put two
+copies of one expert on one rank (deepseek-ai/EPLB#22; counted).  Gaps are to the planner's replica lower
 bound, which holds for every choice of copy counts, and for the planner also to the
 pigeonhole bound for its own counts (placement quality apart from the count rule).  Cases:
 ``compute_uniform`` / ``compute_modse``: 64 replicas (k = 5), ``balance="compute"``;
@@ -336,6 +337,8 @@ def replica_case(sizes: np.ndarray, loads: np.ndarray, R: int, X: int, balance: 
     w = sizes * loads
     rep, t_rep = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance,
                                                     num_replicas=X), repeat)
+    greedy, t_greedy = timed(lambda: plan_placement_batch(
+        sizes, loads, R, balance=balance, num_replicas=X, joint_counts=False), repeat)
     plain, t_plain = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance), repeat)
     (pack, phy2log, copies), t_eplb = timed(lambda: eplb_replicated_packing(w, n + X, R), repeat)
     per_copy = np.take_along_axis(w / copies, phy2log, axis=1)
@@ -359,6 +362,7 @@ def replica_case(sizes: np.ndarray, loads: np.ndarray, R: int, X: int, balance: 
                              "proven_optimal": int(rep.optimal.sum()),
                              "max_copies": int(rep.copies_per_expert.max()),
                              "memory_equal_all": bool((mem.max(1) == mem.min(1)).all())},
+        "planner_greedy_counts": replica_side(greedy, t_greedy, bound),
         "planner_no_replicas": replica_side(plain, t_plain, bound),
         "eplb_replicas": {"gap_mean_pct": float(gaps(eplb_max, bound).mean()),
                           "gap_max_pct": float(gaps(eplb_max, bound).max()),
@@ -367,6 +371,12 @@ def replica_case(sizes: np.ndarray, loads: np.ndarray, R: int, X: int, balance: 
                           "max_memory_over_planner_mean": float((eplb_mem / mem.max(1)).mean())},
         "max_compute_replicas_over_no_replicas_mean": float(
             (rep.max_compute / plain.max_compute).mean()),
+        "max_compute_joint_over_greedy_counts_mean": float(
+            (rep.max_compute / greedy.max_compute).mean()),
+        "max_compute_joint_over_greedy_counts_min": float(
+            (rep.max_compute / greedy.max_compute).min()),
+        "joint_worse_than_greedy_counts_count": int(
+            (rep.max_compute > greedy.max_compute * (1 + 1e-12)).sum()),
         "max_compute_planner_over_eplb_mean": float((rep.max_compute / eplb_max).mean()),
         "planner_worse_than_eplb_count": int(worse.sum()),
         "planner_worse_where_eplb_keeps_copies_apart": int((worse & ~colocated).sum()),

@@ -7,8 +7,9 @@
 //   3. nodes:    balance token inflow per node without raising max compute (hierarchy.h);
 //   4. moves:    among plans equally good on 1-3, move the fewest bytes from `previous`
 //                (warm start from it + relabelling, relabel.h).
-// With num_replicas > 0 the items placed are copies of experts (replicas.h): counts first, then
-// the same stages on the copies, which must sit on distinct ranks; `previous` is not supported.
+// With num_replicas > 0 the items placed are copies of experts (replicas.h): greedy counts, the
+// same stages on the copies (on distinct ranks), then with joint_counts a
+// search over counts and placement together (counts.h); `previous` is not supported.
 #pragma once
 
 #include <atomic>
@@ -17,6 +18,7 @@
 #include <thread>
 
 #include "planner_bounds.h"
+#include "planner_counts.h"
 #include "planner_exact.h"
 #include "planner_heuristic.h"
 #include "planner_hierarchy.h"
@@ -48,7 +50,8 @@ inline PairStructure pairs_if_paired(const Options& o, int k, const std::vector<
 }
 
 // One layer's placement problem: n items, k per rank.  Items are the experts, or with replicas
-// the copies (expert_of: the expert of each copy; ps then is the copies' pair structure).
+// the copies (expert_of: the expert of each copy; ps then is the copies' pair structure;
+// distinct: expert_of when copies must sit on distinct bins, null when they may stack).
 struct Layer {
   const Options& o;
   int n, R, k, g, N;
@@ -59,15 +62,17 @@ struct Layer {
   bool paired = false;
   const std::vector<int>* cls = nullptr;
   const std::vector<int>* expert_of;
+  const std::vector<int>* distinct;
   int max_iters;
 
   Layer(const Options& opt, std::vector<double> sizes, std::vector<double> loads,
         std::vector<double> weights, const int* prev, PairStructure pairs,
-        const std::vector<int>* copies_of = nullptr)
+        const std::vector<int>* copies_of = nullptr, bool copies_distinct = true)
       : o(opt), n(static_cast<int>(sizes.size())), R(opt.num_ranks), k(n / opt.num_ranks),
         g(opt.ranks_per_node > 0 ? opt.ranks_per_node : opt.num_ranks), N(R / g),
         s(std::move(sizes)), t(std::move(loads)), w(std::move(weights)), previous(prev),
-        ps(std::move(pairs)), paired(ps.found), expert_of(copies_of), max_iters(2 * n + 64) {
+        ps(std::move(pairs)), paired(ps.found), expert_of(copies_of),
+        distinct(copies_distinct ? copies_of : nullptr), max_iters(2 * n + 64) {
     desc = order_desc(w);
     if (paired) cls = &ps.cls;
   }
@@ -86,20 +91,20 @@ struct Layer {
     if (k == 1) {
       c.bin_of = one_per_bin(n);
       c.method = Method::kOneExpertPerRank;
-    } else if (k == 2 && !expert_of) {
+    } else if (k == 2 && !distinct) {
       c.bin_of = paired ? paired_exact_k2(w, ps, &desc) : exact_k2(w, &desc);
       c.method = Method::kExactPairing;
     } else {
       double v = 0.0;
       const double target = lb * (1.0 + o.good_enough);
       if (expert_of)
-        c.bin_of = place_copies(w, s, paired ? &ps : nullptr, *expert_of, R, k, target, max_iters,
-                                &v, desc);
+        c.bin_of = place_copies(w, s, paired ? &ps : nullptr, *expert_of, distinct, R, k, target,
+                                max_iters, &v, desc);
       else
         c.bin_of = paired ? paired_heuristic(w, ps, s, R, k, target, max_iters, &v, &desc)
                           : heuristic_partition(w, R, k, target, max_iters, &v, &desc);
       if (paired) {
-        paired_resplit(w, s, ps, R, k, target, max_iters, c.bin_of, v, expert_of);
+        paired_resplit(w, s, ps, R, k, target, max_iters, c.bin_of, v, distinct);
         std::vector<int> alt;
         double alt_value = 0.0;
         if (!expert_of && v > target + eps_of(target) &&
@@ -113,7 +118,7 @@ struct Layer {
       proven = v <= lb + eps_of(lb);
       if (!proven && n <= o.exact_max_experts) {
         BranchAndBound bnb(w, paired ? &s : nullptr, paired ? ps.pair_sum : 0.0, R, k,
-                           o.exact_node_budget, expert_of);
+                           o.exact_node_budget, distinct);
         proven = bnb.run(c.bin_of, v, lb);
         if (proven) c.method = Method::kBranchAndBound;
       }
@@ -150,7 +155,7 @@ struct Layer {
                                           max_iters);
       p.node_inflow_bound = cardinality_lower_bound(t, N, k * g);
       refine_node_inflow(t, w, cls, c.bin_of, node_of_bin, R, N, c.value,
-                         p.node_inflow_bound * (1.0 + kNodeGoodEnough), max_iters, expert_of);
+                         p.node_inflow_bound * (1.0 + kNodeGoodEnough), max_iters, distinct);
     } else {
       for (double x : t) p.node_inflow_bound += x;
     }
@@ -182,31 +187,92 @@ struct Layer {
   }
 };
 
-// Replicas: copy counts, then the copies planned like experts (previous is refused up front).
-// The bound is replica_lower_bound, valid for every choice of counts; exactness for the chosen
-// counts (branch and bound) does not raise it.
+// Joint counts (planner_counts.h) from the greedy-count plan c of `layer`: count moves between
+// the layer's exchanges (paired: with three-bin re-splits), then for small layers branch and
+// bound over every count vector.  count and c become the result; lb is raised to the result when
+// that is proven optimal over every choice of counts.  expert_pairs: the experts' pair structure
+// (found iff the layer is paired); cap: most copies per expert; greedy_proven: c is optimal for
+// the greedy counts (no need to search them again).
+inline void search_counts(const Layer& layer, const std::vector<double>& s,
+                          const std::vector<double>& t, const std::vector<double>& w,
+                          const PairStructure& expert_pairs, int cap, const Options& o,
+                          bool greedy_proven, std::vector<int>& count, Candidate& c,
+                          double& lb) {
+  const int R = layer.R, k = layer.k, S = layer.n;
+  const bool distinct = true;  // copies of an expert on distinct ranks
+  const std::vector<int> greedy = count;
+  CopySet cs(w, s, t, count);
+  Bins bins(cs.w, c.bin_of, R, k);
+  const double target = lb * (1.0 + o.good_enough);
+  const std::vector<int>* dist = distinct ? &cs.expert_of : nullptr;
+  const PairStructure* ps = layer.paired ? &layer.ps : nullptr;  // per copy: unchanged by moves
+  auto exchanges = [&](Bins& b) {
+    return ps ? paired_descent(cs.w, cs.s, *ps, b, target, layer.max_iters, dist)
+              : swap_descent(cs.w, b, target, layer.max_iters, dist);
+  };
+  auto descend_fn = [&](Bins& b) {
+    const double v = exchanges(b);
+    if (!ps || v <= target + eps_of(target)) return v;
+    return resplit_descent(cs.w, *ps, b, target, layer.max_iters, exchanges, dist);
+  };
+  const double v = count_descent(cs, bins, cap, distinct, ps ? &expert_pairs.cls : nullptr,
+                                 target, layer.max_iters, descend_fn);
+  if (v < c.value - eps_of(c.value)) {
+    count = cs.count;
+    c.bin_of = cs.canonical_bins(bins.bin_of);
+    c.value = v;
+  }
+  CountProof proof = CountProof::kNone;
+  if (S <= o.exact_max_experts && c.value > lb + eps_of(lb))
+    proof = exact_counts(w, s, ps ? &expert_pairs : nullptr, R, k, o.num_replicas, cap, distinct,
+                         o.exact_node_budget, greedy_proven ? &greedy : nullptr, c.value, count,
+                         c.bin_of);
+  if (count != greedy) c.method = Method::kHeuristic;
+  if (proof != CountProof::kNone) c.method = Method::kBranchAndBound;
+  if (proof == CountProof::kAllCounts) lb = std::max(lb, c.value);
+}
+
+// Replicas: copy counts, then the copies planned like experts (previous is refused up front),
+// then with joint_counts counts and placement searched together.  The bound is
+// replica_lower_bound, valid for every choice of counts, raised only by an exact search over
+// every count vector (exactness for the chosen counts does not raise it).
 inline LayerPlan solve_copies(const std::vector<double>& s, const std::vector<double>& t,
                               const std::vector<double>& w, const Options& o,
                               const std::string& where, const PairStructure* shared) {
   const int n = static_cast<int>(s.size()), R = o.num_ranks, extra = o.num_replicas;
   const int k = (n + extra) / R;
+  const bool distinct = true;  // copies of an expert on distinct ranks
+  const int cap = distinct ? R : extra + 1;
   const PairStructure expert_pairs = pairs_if_paired(o, k, s, shared);
-  const std::vector<int> count = expert_pairs.found
-                                     ? paired_replica_counts(w, expert_pairs, R, extra)
-                                     : replica_counts(w, R, extra);
+  std::vector<int> count = expert_pairs.found
+                               ? paired_replica_counts(w, expert_pairs, R, extra, cap, distinct)
+                               : replica_counts(w, cap, extra);
   Copies copies = expand_copies(count, s, t, w);
   // Every added pair of copies has complementary sizes, so the copies form pairs again.
   PairStructure copy_pairs = expert_pairs.found ? detect_pairs(copies.s) : PairStructure();
   if (static_cast<int>(copies.w.size()) != n + extra || expert_pairs.found != copy_pairs.found)
     fail(where + "cannot add num_replicas=" + std::to_string(extra) +
          " copies in complementary pairs: use balance='compute'");
-  const double lb = replica_lower_bound(w, R, k, extra);
+  double lb = replica_lower_bound(w, R, k, extra, distinct);
   Layer layer(o, std::move(copies.s), std::move(copies.t), std::move(copies.w), nullptr,
-              std::move(copy_pairs), &copies.expert_of);
+              std::move(copy_pairs), &copies.expert_of, distinct);
   bool proven = false;
   LayerPlan p;
   try {
-    p = layer.finish(layer.fresh(lb, proven));
+    Candidate c = layer.fresh(lb, proven);
+    const std::vector<int> greedy = count;
+    if (o.joint_counts)
+      search_counts(layer, s, t, w, expert_pairs, cap, o, proven, count, c, lb);
+    if (count == greedy) {
+      p = layer.finish(std::move(c));
+    } else {  // the copies of the new counts, in the same (expert) order as c.bin_of
+      Copies chosen = expand_copies(count, s, t, w);
+      PairStructure pairs = layer.paired ? detect_pairs(chosen.s) : PairStructure();
+      assert(pairs.found == layer.paired);
+      Layer final_layer(o, std::move(chosen.s), std::move(chosen.t), std::move(chosen.w),
+                        nullptr, std::move(pairs), &chosen.expert_of, distinct);
+      p = final_layer.finish(std::move(c));
+    }
   } catch (const std::invalid_argument& e) {
     fail(where + e.what());
   }

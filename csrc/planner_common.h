@@ -12,6 +12,7 @@
 //                                                    <- bounds, exact, heuristic, local_search
 //   planner_resplit.h       three-bin re-splits, the outlier start       <- local_search, pairs
 //   planner_replicas.h      redundant copies: counts, placement          <- heuristic, pairs
+//   planner_counts.h        copy counts chosen jointly with placement    <- replicas, resplit
 //   planner_hierarchy.h     node inflow balance                          <- bounds, heuristic
 //   planner_relabel.h       which physical rank each bin lands on (fewest bytes moved)
 // planner.h composes them per layer and per batch (worker threads); bindings.cpp exposes
@@ -85,6 +86,9 @@ struct Options {
   double good_enough = 1e-4;
   // Extra physical expert slots for copies of busy experts (planner_replicas.h); 0 = none.
   int num_replicas = 0;
+  // Copy counts searched jointly with the placement (planner_counts.h); false = EPLB's greedy
+  // counts only.
+  bool joint_counts = true;
 };
 
 struct LayerPlan {

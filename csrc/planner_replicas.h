@@ -9,6 +9,10 @@
 //     weight w / c and size s, with one more rule: no two copies of an expert on one rank (a
 //     second copy there would split nothing).  Starts that ignore the rule are repaired by swaps
 //     (separate_copies); every local-search move checks it (planner_local_search.h).
+// With joint_counts the greedy counts are only a start: planner_counts.h then changes counts
+// and placement together.  When copies may stack (stack_copies, EPLB's behaviour) the
+// distinct-rank rule is dropped: `distinct` below is the expert of every copy when the rule applies and null when
+// copies may stack, and an expert may then have up to num_replicas + 1 copies (cap).
 // The lower bound (replica_lower_bound) holds for every choice of counts, so a plan's gap
 // compares it with every way of spending the replicas, not only with the chosen counts.
 #pragma once
@@ -22,24 +26,26 @@
 namespace modse_planner {
 
 // Copies per expert: one each, then every extra copy to the expert with the largest per-copy
-// weight w[e] / c[e] among those with fewer than R copies (ties: lowest id).  This is EPLB's
-// replicate_experts (argmax of weight / logcnt), the D'Hondt (Jefferson) highest-averages rule.
-// It minimises the largest per-copy weight M = max_e w[e] / c[e] over all counts 1 <= c <= R
-// summing to S:
-//  * if M = w[e] / R for an expert with R copies, no counts do better (c[e] <= R);
-//  * else M = w[e] / c[e] with c[e] < R.  When any f got its last copy, w[f] / (c[f] - 1) was
-//    the largest per-copy weight of the experts below R copies, e included, and e's has only
+// weight w[e] / c[e] among those with fewer than cap copies (ties: lowest id; cap = R, or
+// extra + 1 when copies may stack, i.e. no cap).  This is EPLB's replicate_experts (argmax of
+// weight / logcnt), the D'Hondt (Jefferson) highest-averages rule.  It minimises the largest
+// per-copy weight M = max_e w[e] / c[e] over all counts 1 <= c <= cap summing to S:
+//  * if M = w[e] / cap for an expert with cap copies, no counts do better (c[e] <= cap);
+//  * else M = w[e] / c[e] with c[e] < cap.  When any f got its last copy, w[f] / (c[f] - 1) was
+//    the largest per-copy weight of the experts below cap copies, e included, and e's has only
 //    fallen since, so w[f] / (c[f] - 1) >= M.  Counts c' with a max below M need c'[e] > c[e]
 //    and c'[f] >= c[f] for every other f: more than S copies.
-inline std::vector<int> replica_counts(const std::vector<double>& w, int R, int extra) {
+// The heaviest copy is not the heaviest rank, though (planner_counts.h), so with joint_counts
+// these counts are only the start.
+inline std::vector<int> replica_counts(const std::vector<double>& w, int cap, int extra) {
   const int n = static_cast<int>(w.size());
   std::vector<int> c(n, 1);
   std::priority_queue<std::pair<double, int>> heap;  // (per-copy weight, -expert)
-  for (int e = 0; e < n && R > 1; ++e) heap.emplace(w[e], -e);
+  for (int e = 0; e < n && cap > 1; ++e) heap.emplace(w[e], -e);
   for (int left = extra; left > 0 && !heap.empty(); --left) {
     const int e = -heap.top().second;
     heap.pop();
-    if (++c[e] < R) heap.emplace(w[e] / c[e], -e);
+    if (++c[e] < cap) heap.emplace(w[e] / c[e], -e);
   }
   return c;
 }
@@ -70,9 +76,10 @@ inline bool middle_fits(const std::vector<int>& hist, int T, int R) {
 // copies.  Non-middle classes always fit (a class and its complement have equally many members,
 // so equal room, and an even deal puts at most R copies per class on distinct bins).  Returns
 // fewer than the requested copies only if the middle class cannot take them.  ps: the experts'
-// pair structure.
+// pair structure; cap: most copies per expert (R; with stacking, `distinct` false, extra + 1
+// and the middle class always fits).
 inline std::vector<int> paired_replica_counts(const std::vector<double>& w, const PairStructure& ps,
-                                              int R, int extra) {
+                                              int R, int extra, int cap, bool distinct = true) {
   const int n = static_cast<int>(w.size());
   std::vector<int> c(n, 1), version(n, 0), waiting, passed;
   using Entry = std::tuple<double, int, int>;  // (per-copy weight, -expert, version): lazy heaps
@@ -80,7 +87,7 @@ inline std::vector<int> paired_replica_counts(const std::vector<double>& w, cons
   Heap all;
   std::vector<Heap> by_class(ps.num_classes);
   auto push = [&](int e) {
-    if (c[e] >= R) return;
+    if (c[e] >= cap) return;
     const Entry x(w[e] / c[e], -e, version[e]);
     all.push(x);
     by_class[ps.cls[e]].push(x);
@@ -90,10 +97,12 @@ inline std::vector<int> paired_replica_counts(const std::vector<double>& w, cons
       heap.pop();
     return heap.empty() ? -1 : -std::get<1>(heap.top());
   };
-  int middle = -1, T = 0;  // the middle class, its copies and their histogram (middle_fits)
-  std::vector<int> hist(R + 2, 0);
+  // The middle class, its copies and their histogram (middle_fits; only for distinct copies,
+  // whose counts stay <= R).
+  int middle = -1, T = 0;
+  std::vector<int> hist(distinct ? R + 2 : 0, 0);
   auto add_copy = [&](int x, int delta) {
-    if (ps.cls[x] == middle) {
+    if (distinct && ps.cls[x] == middle) {
       --hist[c[x]];
       ++hist[c[x] + delta];
       T += delta;
@@ -103,7 +112,7 @@ inline std::vector<int> paired_replica_counts(const std::vector<double>& w, cons
   auto fits_with = [&](int a, int b) {  // is the middle class placeable with a and b added?
     add_copy(a, 1);
     add_copy(b, 1);
-    const bool ok = c[a] <= R && middle_fits(hist, T, R);
+    const bool ok = c[a] <= cap && (!distinct || middle_fits(hist, T, R));
     add_copy(b, -1);
     add_copy(a, -1);
     return ok;
@@ -111,7 +120,7 @@ inline std::vector<int> paired_replica_counts(const std::vector<double>& w, cons
   for (int e = 0; e < n; ++e) {
     if (ps.comp[ps.cls[e]] == ps.cls[e]) {
       middle = ps.cls[e];
-      ++hist[1];
+      if (distinct) ++hist[1];
       ++T;
     }
     push(e);
@@ -157,19 +166,27 @@ inline std::vector<int> paired_replica_counts(const std::vector<double>& w, cons
 //  * heaviest copy: some copy weighs at least M*, the smallest possible max per-copy weight,
 //    which replica_counts attains; its rank holds k - 1 copies of k - 1 other, distinct experts
 //    f, each weighing w[f] / c[f] >= w[f] / R, so at least the k - 1 smallest w[f] / R.
-inline double replica_lower_bound(const std::vector<double>& w, int R, int k, int extra) {
+// With stacking (distinct false) counts go up to extra + 1 and the other k - 1 copies may be of
+// one expert, so they weigh at least k - 1 times the smallest w[f] / (extra + 1).
+inline double replica_lower_bound(const std::vector<double>& w, int R, int k, int extra,
+                                  bool distinct = true) {
   const int n = static_cast<int>(w.size());
-  const std::vector<int> c = replica_counts(w, R, extra);
+  const int cap = distinct ? R : extra + 1;
+  const std::vector<int> c = replica_counts(w, cap, extra);
   double total = 0.0, heaviest = 0.0;
   std::vector<double> least(n);
   for (int e = 0; e < n; ++e) {
     total += w[e];
     heaviest = std::max(heaviest, w[e] / c[e]);
-    least[e] = w[e] / R;
+    least[e] = w[e] / cap;
   }
-  const int m = std::min(k - 1, n);
-  std::partial_sort(least.begin(), least.begin() + m, least.end());
-  for (int i = 0; i < m; ++i) heaviest += least[i];
+  if (distinct) {
+    const int m = std::min(k - 1, n);
+    std::partial_sort(least.begin(), least.begin() + m, least.end());
+    for (int i = 0; i < m; ++i) heaviest += least[i];
+  } else {
+    heaviest += (k - 1) * *std::min_element(least.begin(), least.end());
+  }
   return std::max(total / R, heaviest);
 }
 
@@ -347,26 +364,29 @@ inline bool deal_paired_copies(const std::vector<double>& w, const PairStructure
 // The S copies into R bins of k: starts (LPT skipping bins that hold the expert and balanced
 // differencing, or in paired mode the paired unit starts), repaired by separate_copies, plus the
 // always-valid dealt start; then the best descent under both rules.  ps (paired mode): the
-// copies' pair structure.  Throws when no start keeps both rules (paired mode only).
+// copies' pair structure.  distinct: expert_of when copies must sit on distinct bins, null when
+// they may stack (then every start is valid as it is).  Throws when no start keeps both rules
+// (paired mode only).
 inline std::vector<int> place_copies(const std::vector<double>& w, const std::vector<double>& s,
                                      const PairStructure* ps, const std::vector<int>& expert_of,
-                                     int R, int k, double target, int max_iters, double* value,
-                                     const std::vector<int>& desc) {
+                                     const std::vector<int>* distinct, int R, int k, double target,
+                                     int max_iters, double* value, const std::vector<int>& desc) {
   const int S = static_cast<int>(w.size());
   std::vector<Bins> starts, valid;
   if (ps) {
     starts = paired_starts(w, *ps, R, k, target, &desc);
   } else {
-    starts.emplace_back(w, distinct_lpt(w, expert_of, R, k, desc), R, k);
+    starts.emplace_back(w, distinct ? distinct_lpt(w, expert_of, R, k, desc)
+                                    : lpt_cardinality(w, R, k, &desc), R, k);
     starts.emplace_back(w, balanced_differencing(w, R, k, &desc), R, k);
   }
   auto allowed = [&](int x, int y) { return !ps || ps->cls[x] == ps->cls[y]; };
   for (Bins& b : starts)
-    if (separate_copies(w, expert_of, b, allowed)) valid.push_back(std::move(b));
+    if (!distinct || separate_copies(w, expert_of, b, allowed)) valid.push_back(std::move(b));
   std::vector<int> dealt;
   if (!ps)
     valid.emplace_back(w, deal_copies(S, R), R, k);
-  else if (deal_paired_copies(w, *ps, expert_of, R, dealt))
+  else if (distinct && deal_paired_copies(w, *ps, expert_of, R, dealt))
     valid.emplace_back(w, dealt, R, k);
   if (valid.empty())
     fail("the copies cannot be placed with complementary pairs on every rank and an expert's "
@@ -374,8 +394,8 @@ inline std::vector<int> place_copies(const std::vector<double>& w, const std::ve
   return best_of_starts(
       valid, target,
       [&](Bins& bins) {
-        return ps ? paired_descent(w, s, *ps, bins, target, max_iters, &expert_of)
-                  : swap_descent(w, bins, target, max_iters, &expert_of);
+        return ps ? paired_descent(w, s, *ps, bins, target, max_iters, distinct)
+                  : swap_descent(w, bins, target, max_iters, distinct);
       },
       value);
 }

@@ -49,6 +49,11 @@ class PlanOptions:
     """Extra physical slots holding copies of busy experts (EPLB's redundant experts):
     ``n + num_replicas`` must be a multiple of ``num_ranks``, at most ``n * (num_ranks - 1)``,
     even in paired mode; not with ``previous``."""
+    joint_counts: bool = True
+    """With replicas: choose how many copies each expert gets together with the placement
+    (count moves in the local search, and an exact search over every choice of counts on small
+    layers), instead of only EPLB's greedy counts, which minimise the heaviest copy rather than
+    the heaviest rank.  Never worse than ``False``; slower."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -67,6 +72,8 @@ class PlanOptions:
         self._set_int("exact_node_budget", _INT64_MAX)
         self._set_int("num_threads", _INT32_MAX, "0 = automatic")
         self._set_int("num_replicas", _INT32_MAX)
+        if not isinstance(self.joint_counts, bool):
+            raise ValueError(f"joint_counts={self.joint_counts!r} must be True or False")
 
     def _set_int(self, name: str, high: int, why: str = "") -> None:
         """Check an integer field in [0, high] and store it as a plain int."""

@@ -30,14 +30,18 @@ nonzero gap is by design.
 **Redundant replicas** (``num_replicas=X``, DeepSeek EPLB's redundant experts): there are
 ``S = n + X`` physical slots, exactly ``k = S / R`` per rank.  An expert with ``c`` copies has
 its tokens split evenly, so each copy costs ``loads[e] * sizes[e] / c`` compute and holds
-``sizes[e]`` memory.  Copies go greedily to the expert with the largest per-copy compute (EPLB's
-rule; it minimises the heaviest copy), at most one copy of an expert per rank; in paired mode
-(complementary sizes, ``k`` even) they are added in complementary pairs, so memory stays exactly
-equal, and ``X`` must be even.  The copies are then placed like experts, never two copies of an
-expert on one rank.  ``lower_bound`` holds for every way of choosing the copy counts, so
-``optimal`` means no choice of counts and placement does better; ``method`` says how the
-placement of the chosen copies was found ("branch-and-bound": exact for those copies).
-``previous`` cannot be combined with replicas yet.
+``sizes[e]`` memory.  Copies start from EPLB's greedy rule (each extra copy to the expert with
+the largest per-copy compute), which minimises the heaviest *copy*, not the heaviest *rank*:
+with ``joint_counts`` (default) the counts are then searched together with the placement
+(count moves inside the local search; on layers with ``S <= exact_max_experts`` branch and
+bound over every choice of counts), never worse than the greedy counts.  At most one copy of an
+expert per rank.  In paired mode (complementary
+sizes, ``k`` even) copies are added and moved in complementary pairs, so memory stays exactly
+equal, and ``X`` must be even.  ``lower_bound`` holds for every way of choosing the copy
+counts, so ``optimal`` means no choice of counts and placement does better; ``method`` says
+how the placement of the chosen copies was found ("branch-and-bound": exact for those copies,
+and for every choice of counts when ``optimal``).  ``previous`` cannot be combined with
+replicas yet.
 
 Hierarchy trade-off: DeepSeek's EPLB packs experts to nodes first, then to GPUs, so per-GPU
 balance pays for node balance; here max compute per rank is never raised for node balance.
@@ -361,7 +365,8 @@ def plan_placement_batch(
             placement; the new plan moves the fewest bytes among equally good plans.
         options: a ``PlanOptions`` (default ``PlanOptions()``): ``balance``,
             ``bytes_per_param``, ``move_slack``, ``exact_max_experts``, ``exact_node_budget``,
-            ``num_threads``, ``num_replicas``; their meaning and defaults are documented there.
+            ``num_threads``, ``num_replicas``, ``joint_counts``; their meaning and defaults are
+            documented there.
         **overrides: any ``PlanOptions`` field as a keyword (e.g. ``balance="compute"``),
             replacing that field of ``options``.
     """
@@ -393,7 +398,7 @@ def plan_placement_batch(
         np.ascontiguousarray(s.reshape(-1, s.shape[-1])), np.ascontiguousarray(t), prev,
         R, 0 if ranks_per_node is None else g, BALANCE_MODES.index(opts.balance),
         float(opts.bytes_per_param), float(opts.move_slack), opts.exact_max_experts,
-        opts.exact_node_budget, opts.num_threads, opts.num_replicas,
+        opts.exact_node_budget, opts.num_threads, opts.num_replicas, opts.joint_counts,
     )
     lb, mx = out["lower_bound"], out["max_compute"]
     gap = np.zeros_like(lb)

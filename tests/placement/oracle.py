@@ -100,24 +100,42 @@ def paired_replicate_counts(
     return counts
 
 
-def count_vectors(n: int, num_ranks: int, slots: int) -> Iterator[tuple[int, ...]]:
-    """Every choice of copy counts: 1..num_ranks copies per expert, summing to slots."""
-    for counts in itertools.product(range(1, num_ranks + 1), repeat=n):
+def count_vectors(n: int, cap: int, slots: int) -> Iterator[tuple[int, ...]]:
+    """Every choice of copy counts: 1..cap copies per expert (cap = num_ranks when copies sit on
+    distinct ranks), summing to slots."""
+    for counts in itertools.product(range(1, cap + 1), repeat=n):
         if sum(counts) == slots:
             yield counts
 
 
 def brute_force_copies(
     weights: Sequence[float], counts: Sequence[int], num_ranks: int,
-    sizes: Sequence[float] | None = None,
+    sizes: Sequence[float] | None = None, distinct: bool = True,
 ) -> float:
     """Optimal max rank weight for these copy counts: each copy of e weighs weights[e] /
-    counts[e], copies of one expert on distinct ranks (with sizes: ranks of complementary
-    pairs)."""
+    counts[e], copies of one expert on distinct ranks unless not ``distinct`` (with sizes:
+    ranks of complementary pairs); inf when no placement exists."""
     experts = [e for e, c in enumerate(counts) for _ in range(c)]
     item_w = [weights[e] / counts[e] for e in experts]
     item_s = None if sizes is None else [sizes[e] for e in experts]
-    return brute_force(item_w, num_ranks, item_s, experts)
+    return brute_force(item_w, num_ranks, item_s, experts if distinct else None)
+
+
+def best_over_counts(
+    weights: Sequence[float], num_ranks: int, extra: int,
+    sizes: Sequence[float] | None = None, distinct: bool = True,
+) -> float:
+    """Optimal max rank weight over every choice of counts and placement (with sizes: counts
+    whose copies form complementary pairs, placed on ranks of complementary pairs)."""
+    n = len(weights)
+    cap = num_ranks if distinct else extra + 1
+    best = float("inf")
+    for counts in count_vectors(n, cap, n + extra):
+        if sizes is not None and not is_pair_structured(
+                [sizes[e] for e, c in enumerate(counts) for _ in range(c)]):
+            continue
+        best = min(best, brute_force_copies(weights, counts, num_ranks, sizes, distinct))
+    return best
 
 
 def is_pair_structured(sizes: Sequence[float]) -> bool:

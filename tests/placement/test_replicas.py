@@ -101,7 +101,7 @@ def check_valid(plan, sizes, loads, R: int, X: int) -> None:
 @given(replica_instances())
 def test_counts_follow_eplbs_greedy(inst):
     sizes, loads, R, X, _ = inst
-    plan = plan_placement(sizes, loads, R, balance="compute", num_replicas=X)
+    plan = plan_placement(sizes, loads, R, balance="compute", num_replicas=X, joint_counts=False)
     w = [s * t for s, t in zip(sizes, loads)]
     assert plan.copies_per_expert == replicate_counts(w, R, X)
 
@@ -120,7 +120,7 @@ def test_greedy_counts_minimise_the_heaviest_copy(inst):
 @given(replica_instances(pairs=PAIRS[:3]))
 def test_paired_counts_add_complementary_pairs(inst):
     sizes, loads, R, X, balance = inst
-    plan = plan_placement(sizes, loads, R, balance=balance, num_replicas=X)
+    plan = plan_placement(sizes, loads, R, balance=balance, num_replicas=X, joint_counts=False)
     if not plan.paired:
         return
     w = [s * t for s, t in zip(sizes, loads)]
@@ -271,8 +271,11 @@ def test_odd_replicas_allowed_without_pairs():
     """balance='compute' or sizes without complementary pairs take any count."""
     plan = plan_placement([9, 1, 8, 2], [5, 1, 1, 1], 5, balance="compute", num_replicas=1)
     assert plan.copies_per_expert == [2, 1, 1, 1]
-    plan = plan_placement([1, 2, 4], [5, 1, 1], 2, num_replicas=1)
+    plan = plan_placement([1, 2, 4], [5, 1, 1], 2, num_replicas=1, joint_counts=False)
     assert plan.copies_per_expert == [2, 1, 1] and not plan.paired
+    # Joint counts: the second copy goes to expert 1, which pairs 5 + 1 and 1 + 4 (6 < 6.5).
+    plan = plan_placement([1, 2, 4], [5, 1, 1], 2, num_replicas=1)
+    assert plan.copies_per_expert == [1, 2, 1] and plan.max_compute == 6.0 and plan.optimal
 
 
 def test_core_validates_replicas_too():
