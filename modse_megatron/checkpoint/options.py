@@ -41,12 +41,12 @@ def args_from_export_config(config):
         if layers != list(range(0, c.num_layers, freq)):
             raise refuse(f"MoE layer pattern {layers} (modse-pretrain places MoE layers every n-th layer from 0)")
         widths = list(moe.expert_widths)
-        if moe.pre_softmax or moe.topk_scaling_factor not in (None, 1.0):
-            raise refuse("router pre-softmax/scaling")
+        if moe.topk_scaling_factor not in (None, 1.0):
+            raise refuse("router top-k scaling factor")
         model.update({
             "num_experts": moe.num_experts, "moe_router_topk": moe.router_topk, "moe_layer_freq": freq,
             "moe_ffn_hidden_size": sum(widths) // len(widths), "moe_router_score_function": moe.score_function,
-            "moe_router_enable_expert_bias": moe.expert_bias,
+            "moe_router_enable_expert_bias": moe.expert_bias, "moe_router_pre_softmax": moe.pre_softmax,
             "moe_shared_expert_intermediate_size": moe.shared_expert_intermediate_size,
             "moe_expert_capacity_factor": moe.capacity_factor,
         })

@@ -59,6 +59,7 @@ class ModelArgs:
                                                choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "none"))
     moe_router_enable_expert_bias: bool = _opt(False, "Loss-free balancing: a per-expert routing bias.")
     moe_router_score_function: str = _opt("softmax", "softmax or sigmoid.", choices=("softmax", "sigmoid"))
+    moe_router_pre_softmax: bool = _opt(False, "Softmax over all experts before top-k (megatron needs it for top-1).")
     moe_expert_capacity_factor: float | None = _opt(None, "Capacity factor (token dropping); unset = dropless.")
     moe_token_drop_policy: str = _opt("probs", "Which tokens to drop over capacity: probs or position.",
                                       choices=("probs", "position"))
@@ -367,6 +368,9 @@ def validate(args: PretrainArgs) -> None:
                               f"{p.expert_model_parallel_size}: choose an EP size that divides it")
         if not 1 <= m.moe_router_topk <= m.num_experts:
             raise ConfigError(f"--moe-router-topk {m.moe_router_topk} must be between 1 and --num-experts {m.num_experts}")
+        if m.moe_router_topk == 1 and m.moe_router_score_function == "softmax" and not m.moe_router_pre_softmax:
+            raise ConfigError("--moe-router-topk 1 with a softmax router needs --moe-router-pre-softmax "
+                              "(a softmax over one chosen logit is always 1: the router would get no gradient)")
         if m.moe_layer_impl == "megatron" and _uses_modse_sizes(args.modse):
             raise ConfigError("--moe-layer-impl megatron builds uniform experts: drop the MoDSE expert-size options or use --moe-layer-impl modse")
         if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:

@@ -313,6 +313,10 @@ def _without_absent_extra_state(model_sd: dict, stored: set[str]) -> dict:
 
 def _load_model_state(module, state: dict) -> None:
     """``load_state_dict`` that tolerates exactly the absent ``_extra_state`` entries."""
+    from megatron.core.transformer.module import Float16Module
+
+    if isinstance(module, Float16Module):  # its load_state_dict (bf16/fp16) returns None
+        module = module.module
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

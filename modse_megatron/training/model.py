@@ -72,6 +72,7 @@ def transformer_config(args: PretrainArgs):
             moe_router_load_balancing_type=m.moe_router_load_balancing_type,
             moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
             moe_router_score_function=m.moe_router_score_function,
+            moe_router_pre_softmax=m.moe_router_pre_softmax,
             moe_expert_capacity_factor=m.moe_expert_capacity_factor,
             moe_token_drop_policy=m.moe_token_drop_policy,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
