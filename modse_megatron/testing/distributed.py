@@ -9,7 +9,12 @@ restarted); a task that hangs fails at its timeout instead of hanging CI.
 
 Task functions must be importable module-level functions (they are pickled by name).
 Workers are not daemonic (megatron's checkpoint writer starts processes of its own); they exit
-when the pool closes, or by themselves when the process that started them is gone.
+when the pool closes, or by themselves when the process that started them is gone. The pool's
+parent serves the workers' rendezvous store on a port the OS picks (no free-port race with
+other processes on the machine).
+
+:func:`single_rank` runs the same task functions in this process as a 1-rank world (no workers,
+no port): the fast test tier's single-process oracles.
 
 Example::
 
@@ -18,18 +23,22 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from modse_megatron.testing.ports import free_port as _free_port  # noqa: F401  (benchmarks/moe_layer.py)
+from modse_megatron.testing.ports import master_store
 
 _GRACE_AFTER_FAILURE_S = 10.0
+_HOST = "127.0.0.1"
 
 
 class DistributedTaskError(AssertionError):
@@ -47,12 +56,6 @@ class Layout:
     seed: int = 1234
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel_state(layout: Layout) -> None:
     """Initialise megatron's model-parallel groups and RNG for one task."""
     import torch
@@ -68,15 +71,19 @@ def init_parallel_state(layout: Layout) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(layout.seed)
 
 
+def clear_moe_trackers() -> None:
+    """Empty megatron's process-global MoE loss trackers (sized to one model's layers)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    clear_aux_losses_tracker()
+    get_moe_layer_wise_logging_tracker().clear()
+
+
 def destroy_parallel_state() -> None:
     """Tear down everything :func:`init_parallel_state` and a task may have left behind."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    clear_aux_losses_tracker()
-    get_moe_layer_wise_logging_tracker().clear()  # sized to one model's layers: start afresh
+    clear_moe_trackers()
     parallel_state.destroy_model_parallel()
     # destroy_model_parallel only forgets megatron's groups; each gloo group keeps its worker
     # threads alive, so a long-lived pool would accumulate hundreds of them. Destroy them.
@@ -88,9 +95,45 @@ def destroy_parallel_state() -> None:
             dist.destroy_process_group(group)
 
 
+@contextlib.contextmanager
+def single_rank(layout: Layout = Layout()) -> Iterator[Callable[[], None]]:
+    """This process as a 1-rank gloo world with megatron's ``parallel_state`` set up.
+
+    For single-process tests (the fast tier) of code that needs process groups: no worker
+    processes and no port (an in-memory store). Yields ``fresh()``, which gives the next task
+    what a new pool task gets (seeded RNGs, empty MoE trackers) without rebuilding the ~20
+    process groups; everything is torn down on exit.
+    """
+    import torch.distributed as dist
+
+    import modse_megatron  # noqa: F401  (activates the CPU layer when megatron-core imports)
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("single_rank(): this process already belongs to a multi-rank group")
+    init_parallel_state(layout)
+
+    def fresh() -> None:
+        import torch
+        from megatron.core import tensor_parallel
+
+        clear_moe_trackers()
+        torch.manual_seed(layout.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(layout.seed)
+
+    try:
+        yield fresh
+    finally:
+        destroy_parallel_state()
+        if created:
+            dist.destroy_process_group()
+
+
 def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=_HOST,
         MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -103,7 +146,10 @@ def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.
     import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    timeout = timedelta(seconds=120)
+    # The pool's parent serves the store (on a port the OS picked): every rank is a client.
+    store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     results.put((rank, "ready", None))
     parent = os.getppid()
     while True:
@@ -142,7 +188,9 @@ class DistributedPool:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        # A fresh store per (re)start: a restarted pool never meets the old workers' keys.
+        self._store = master_store(_HOST)
+        port = self._store.port
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
@@ -211,12 +259,5 @@ class DistributedPool:
                 p.kill()
                 p.join()
         self._procs = []
+        self._store = None
 
-
-def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
-    """One-shot form: start ``world_size`` gloo processes, run ``fn`` once, stop them."""
-    pool = DistributedPool(world_size)
-    try:
-        return pool.run(fn, *args, **kwargs)
-    finally:
-        pool.close()

@@ -1,8 +1,9 @@
 """MoDSEExperts: uniform widths == megatron's SequentialMLP, fast path == loop oracle, ETP
 sharding, layout-free initialisation and per-logical-expert checkpoint entries.
 
-Each check runs inside the gloo worker pool (megatron process groups are real); the pool's
-ranks run the same check, so every case is exercised twice.
+Each check is a task function: the fast tier runs it in this process (one rank, ``one_rank``),
+the slow tier inside the gloo worker pool (megatron process groups are real; the pool's ranks
+run the same check, so every case is exercised twice, and under expert-TP).
 """
 import pytest
 import torch
@@ -84,6 +85,11 @@ def _uniform_vs_sequential_impl(activation, impl, counts):
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "swiglu_clamped"])
+def test_uniform_widths_match_megatron_sequential_mlp_one_rank(one_rank, activation):
+    assert _uniform_vs_sequential(activation, [5, 0, 9, 3])
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "swiglu_clamped"])
 @pytest.mark.parametrize("etp", [1, 2])
 def test_uniform_widths_match_megatron_sequential_mlp(dist2, activation, etp):
     """Both implementations (loop oracle and fast path) against megatron's SequentialMLP."""
@@ -118,6 +124,17 @@ FAST_CASES = [  # (widths, tokens per expert)
     ([24], [13]),
     ([48, 32], [0, 0]),  # no tokens at all: weights still get (zero) gradients
 ]
+
+
+@pytest.mark.parametrize("widths, counts", FAST_CASES)
+def test_fast_path_matches_loop_oracle_one_rank(one_rank, widths, counts):
+    assert _fast_vs_loop("swiglu", widths, counts)
+
+
+@pytest.mark.parametrize("activation", ["geglu", "gelu", "swiglu_clamped"])
+def test_fast_path_matches_loop_oracle_activations_one_rank(one_rank, activation):
+    assert _fast_vs_loop(activation, *FAST_CASES[2])
+    assert _fast_vs_loop(activation, [72, 8], [6, 3], torch.bfloat16)
 
 
 @pytest.mark.parametrize("widths, counts", FAST_CASES)
@@ -199,6 +216,19 @@ def _sharded_entries(widths, logical_ids):
         shards = shards if isinstance(shards, list) else [shards]
         entries[name] = [(s.key, s.global_shape, s.global_offset, s.replica_id) for s in shards]
     return ps.get_expert_tensor_parallel_rank(), entries
+
+
+def test_sharded_state_dict_one_entry_per_logical_expert_one_rank(one_rank):
+    widths, ids = [64, 16], [5, 2]
+    etp_rank, entries = _sharded_entries(widths, ids)
+    assert etp_rank == 0
+    for i, (lid, w) in enumerate(zip(ids, widths)):  # whole experts, keyed by logical id
+        key = f"decoder.layers.3.mlp.experts.expert{lid}."
+        gate, up = entries[f"decoder.layers.3.mlp.experts.local_experts.{i}.linear_fc1.weight"]
+        (fc2,) = entries[f"decoder.layers.3.mlp.experts.local_experts.{i}.linear_fc2.weight"]
+        assert gate == (key + "linear_fc1.weight", (2 * w, HIDDEN), (0, 0), (0, 0, 0))
+        assert up == (key + "linear_fc1.weight", (2 * w, HIDDEN), (w, 0), (0, 0, 0))
+        assert fc2 == (key + "linear_fc2.weight", (HIDDEN, w), (0, 0), (0, 0, 0))
 
 
 def test_sharded_state_dict_one_entry_per_logical_expert(dist2):

@@ -3,6 +3,7 @@ gradients under every EP/ETP size, dispatcher and placement; uniform widths repr
 megatron's MoELayer; capacity dropping keeps exactly the policy's tokens; checkpoints are
 keyed by logical expert and reload under another EP/ETP size or placement.
 """
+import functools
 import math
 
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from modse_megatron.config import MoDSEConfig
 from modse_megatron.testing.megatron_utils import assert_close_rel, tiny_transformer_config
+from modse_megatron.testing.seeded import seeded_randn
 
 RTOL = 1e-5
 E, FFN, HIDDEN, SEQ, BATCH = 8, 40, 32, 8, 2
@@ -40,10 +42,8 @@ def _build(config, modse_config):
     return MoDSEMoELayer(config, moe_spec.submodules, modse_config=modse_config)
 
 
-def _logical_weight(name, shape, scale=0.1):
-    """Deterministic weights per logical name: identical on every rank, layout and placement."""
-    seed = sum(ord(c) * (i + 1) for i, c in enumerate(name)) % (2**31)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+# Deterministic weights per logical name: identical on every rank, layout and placement.
+_logical_weight = functools.partial(seeded_randn, scale=0.1)
 
 
 @torch.no_grad()
@@ -182,21 +182,62 @@ def test_router_options_with_variable_widths(dist2, option):
     _assert_same(dist2.run(_run_layer, "alltoall", EXPLICIT, ep=2, **dict(extra)), _reference(dist2, extra))
 
 
+def _expected_choice(x_SBH, router_weight_EH, slot_to_logical, granularity):
+    """[T, E] bool over LOGICAL experts, from the definition: top-2 of the logits x·w_e
+    (softmax keeps their order), of each token or of its sequence's mean logits."""
+    logical_EH = torch.empty_like(router_weight_EH)
+    logical_EH[slot_to_logical] = router_weight_EH
+    logits_SBE = x_SBH.float() @ logical_EH.float().t()
+    if granularity == "sequence":
+        logits_SBE = logits_SBE.mean(0, keepdim=True).expand_as(logits_SBE)
+    logits_TE = logits_SBE.reshape(-1, E)
+    return torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, logits_TE.topk(2, dim=1).indices, True)
+
+
 def _router_variant(router_type, granularity):
     layer = _build(_config(), MoDSEConfig(moe_expert_size_preset="paper8", moe_router_type=router_type,
                                           moe_routing_granularity=granularity))
-    out, _ = layer(_tokens())
+    x = _tokens()
+    expected = _expected_choice(x, layer.router.weight.detach(), layer.slot_to_logical, granularity)
+    before = layer.router.weight.detach().clone()
+    out, _ = layer(x)
     out.sum().backward()
-    stats = layer.routing_stats
-    return (layer.router.router_type, layer.router.granularity, layer.router.weight.requires_grad,
-            int(stats.sum()), bool(torch.isfinite(out).all()))
+    with torch.no_grad():  # what the router chose inside the layer (same input, same weights)
+        _, map_TE = layer.router(x)
+    slot_of_logical = torch.argsort(torch.tensor(layer.slot_to_logical))
+    return dict(
+        kind=(layer.router.router_type, layer.router.granularity, layer.router.weight.requires_grad),
+        routed=map_TE[:, slot_of_logical], expected=expected, stats=layer.routing_stats.clone(),
+        router_grad=layer.router.weight.grad, unchanged=torch.equal(layer.router.weight.detach(), before),
+        finite=bool(torch.isfinite(out).all()),
+    )
 
 
-@pytest.mark.parametrize("router_type, granularity", [("frozen", "token"), ("random", "sequence"), ("learned", "sequence")])
+def _assert_router_variant(r, router_type, granularity):
+    assert r["kind"] == (router_type, granularity, router_type == "learned")
+    assert torch.equal(r["routed"], r["expected"])  # each token went to the experts the definition picks
+    if granularity == "sequence":  # all tokens of a sequence share their experts
+        per_seq = r["routed"].view(SEQ, BATCH, E)
+        assert torch.equal(per_seq, per_seq[:1].expand_as(per_seq))
+    # The layer's statistics count exactly those choices (per logical expert), twice: the
+    # layer's forward and the check's.
+    assert torch.equal(r["stats"], 2 * r["routed"].sum(0))
+    assert int(r["stats"].sum()) == 2 * SEQ * BATCH * 2
+    assert (r["router_grad"] is not None) == (router_type == "learned") and r["unchanged"] and r["finite"]
+
+
+VARIANTS = [("frozen", "token"), ("random", "sequence"), ("learned", "sequence"), ("random", "token")]
+
+
+@pytest.mark.parametrize("router_type, granularity", VARIANTS)
+def test_router_variants_route_by_their_definition_one_rank(one_rank, router_type, granularity):
+    _assert_router_variant(_router_variant(router_type, granularity), router_type, granularity)
+
+
+@pytest.mark.parametrize("router_type, granularity", VARIANTS[:3])
 def test_router_variants_reach_the_router(dist2, router_type, granularity):
-    for rt, gran, trainable, routed, finite in dist2.run(_router_variant, router_type, granularity, ep=2):
-        assert (rt, gran, trainable) == (router_type, granularity, router_type == "learned")
-        assert routed == SEQ * BATCH * 2 and finite  # top-2 of every local token, per logical expert
+    for r in dist2.run(_router_variant, router_type, granularity, ep=2):
+        _assert_router_variant(r, router_type, granularity)
 
 
 def test_shared_expert_with_modse_experts(dist2):
@@ -226,6 +267,11 @@ def _uniform_vs_megatron(dispatcher):
     for name, p in ours.named_parameters():
         assert_close_rel(p.grad, megatron_grads[name].grad, RTOL, name)
     return True
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_uniform_widths_match_megatron_moe_layer_one_rank(one_rank, dispatcher):
+    assert _uniform_vs_megatron(dispatcher)
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
@@ -271,6 +317,12 @@ def _capacity_run(dispatcher, policy, capacity_factor):
     assert dropped > 0, "the case must drop tokens to test anything"
     assert_close_rel(out.reshape(-1, HIDDEN), expected, RTOL, f"{policy} capacity output")
     return dropped
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_capacity_dropping_drops_exactly_the_policy_tokens_one_rank(one_rank, policy, dispatcher):
+    assert _capacity_run(dispatcher, policy, 0.5) > 0
 
 
 @pytest.mark.parametrize("policy", ["probs", "position"])

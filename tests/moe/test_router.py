@@ -1,4 +1,6 @@
-"""MoDSERouter on real gloo ranks, inside megatron's own MoELayer (local spec, SequentialMLP).
+"""MoDSERouter inside megatron's own MoELayer (local spec, SequentialMLP): in this process on one
+rank (``one_rank``, the fast tier) and on real gloo ranks (``dist2``, the slow tier), running the
+same task functions.
 
 Oracles: megatron's ``TopKRouter`` (same weights → same routing, bit for bit), the identity slot
 order (a permuted placement must not change what the layer computes), and small loops written
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from modse_megatron.testing.megatron_utils import assert_close_rel, tiny_transformer_config
+from modse_megatron.testing.seeded import seeded_randn
 
 E, H, FFN = 4, 32, 16
 RTOL = 1e-5
@@ -51,10 +54,8 @@ def _moe_layer(config, router_builder):
     return build_module(spec, config=config)
 
 
-def _seeded(name: str, shape, scale: float = 0.1) -> torch.Tensor:
-    """A deterministic tensor per name, identical on every rank and layout."""
-    seed = sum(ord(c) * (i + 1) for i, c in enumerate(name)) % (2**31)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+# A deterministic tensor per name, identical on every rank and layout.
+_seeded = functools.partial(seeded_randn, scale=0.1)
 
 
 def _fresh_aux_loss_tracker():
@@ -120,21 +121,30 @@ def _same_as_topk_router(case):
     return results
 
 
+def _assert_same_as_topk_router(r, case):
+    a, b = r["megatron"], r["modse"]
+    assert torch.equal(a["probs"], b["probs"])
+    if CASES[case].get("moe_pad_expert_input_to_capacity", False):
+        # zero-probability padding slots: megatron's topk picks arbitrary ties
+        assert torch.equal(a["map"] & (a["probs"] > 0), b["map"] & (b["probs"] > 0))
+        assert torch.equal(a["map"].sum(0), b["map"].sum(0))
+    else:
+        assert torch.equal(a["map"], b["map"])
+    for key in ("out", "x_grad", "router_grad"):
+        assert torch.equal(a[key], b[key]), key
+    if a["tokens"] is not None:
+        assert torch.equal(a["tokens"], b["tokens"]) and a["tokens"].sum() > 0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_identity_learned_token_router_is_topk_router_one_rank(one_rank, case):
+    _assert_same_as_topk_router(_same_as_topk_router(case), case)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_identity_learned_token_router_is_topk_router(dist2, case):
-    padded = CASES[case].get("moe_pad_expert_input_to_capacity", False)
     for r in dist2.run(_same_as_topk_router, case, ep=2):
-        a, b = r["megatron"], r["modse"]
-        assert torch.equal(a["probs"], b["probs"])
-        if padded:  # zero-probability padding slots: megatron's topk picks arbitrary ties
-            assert torch.equal(a["map"] & (a["probs"] > 0), b["map"] & (b["probs"] > 0))
-            assert torch.equal(a["map"].sum(0), b["map"].sum(0))
-        else:
-            assert torch.equal(a["map"], b["map"])
-        for key in ("out", "x_grad", "router_grad"):
-            assert torch.equal(a[key], b[key]), key
-        if a["tokens"] is not None:
-            assert torch.equal(a["tokens"], b["tokens"]) and a["tokens"].sum() > 0
+        _assert_same_as_topk_router(r, case)
 
 
 # ---------------------------------------------------------------- permuted slots = same layer
@@ -179,14 +189,7 @@ def _permuted_layer_run(dispatcher, slot_to_logical, granularity="token"):
     }
 
 
-@pytest.mark.parametrize(
-    "ep, dispatcher, granularity",
-    [(1, "alltoall", "token"), (2, "alltoall", "token"), (1, "allgather", "token"), (2, "allgather", "token"),
-     (2, "alltoall", "sequence")],
-)
-def test_permuted_slots_compute_the_same_layer(dist2, ep, dispatcher, granularity):
-    ident = dist2.run(_permuted_layer_run, dispatcher, list(range(E)), granularity, ep=ep)
-    perm = dist2.run(_permuted_layer_run, dispatcher, PERM, granularity, ep=ep)
+def _assert_permutation_invariant(ident, perm):
     for rank, (a, b) in enumerate(zip(ident, perm)):
         assert_close_rel(b["out"], a["out"], RTOL, f"rank {rank} output")
         assert_close_rel(b["x_grad"], a["x_grad"], RTOL, f"rank {rank} input grad")
@@ -195,6 +198,26 @@ def test_permuted_slots_compute_the_same_layer(dist2, ep, dispatcher, granularit
         for k, g in a["experts"].items():
             assert_close_rel(b["experts"][k], g, RTOL, f"expert grad {k}")
         assert torch.equal(a["stats"], b["stats"]) and int(a["stats"].sum()) == 16 * 2 * 2
+        assert len(set(a["stats"].tolist())) > 1  # uneven routing: a wrong slot order would show
+
+
+@pytest.mark.parametrize("dispatcher, granularity", [("alltoall", "token"), ("allgather", "token"),
+                                                     ("alltoall", "sequence")])
+def test_permuted_slots_compute_the_same_layer_one_rank(one_rank, dispatcher, granularity):
+    ident = _permuted_layer_run(dispatcher, list(range(E)), granularity)
+    perm = _permuted_layer_run(dispatcher, PERM, granularity)
+    _assert_permutation_invariant([ident], [perm])
+
+
+@pytest.mark.parametrize(
+    "ep, dispatcher, granularity",
+    [(1, "alltoall", "token"), (2, "alltoall", "token"), (1, "allgather", "token"), (2, "allgather", "token"),
+     (2, "alltoall", "sequence")],
+)
+def test_permuted_slots_compute_the_same_layer(dist2, ep, dispatcher, granularity):
+    ident = dist2.run(_permuted_layer_run, dispatcher, list(range(E)), granularity, ep=ep)
+    perm = dist2.run(_permuted_layer_run, dispatcher, PERM, granularity, ep=ep)
+    _assert_permutation_invariant(ident, perm)
 
 
 # ---------------------------------------------------------------- capacity dropping policies
@@ -227,10 +250,12 @@ def _capacity_run(policy, granularity, factor):
                 capacity=capacity, stats=capped.routing_stats, free_stats=free.routing_stats)
 
 
+# A router alone routes the tokens it is given: these checks need no second rank (the pool
+# versions only ever looked at rank 0's result).
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 @pytest.mark.parametrize("policy", ["probs", "position"])
-def test_capacity_drops_exactly_what_the_policy_says(dist2, policy, granularity):
-    r = dist2.run(_capacity_run, policy, granularity, 0.75)[0]
+def test_capacity_drops_exactly_what_the_policy_says(one_rank, policy, granularity):
+    r = _capacity_run(policy, granularity, 0.75)
     expected = _expected_kept(r["probs"], r["map"], r["capacity"], policy)
     assert int(r["map"].sum()) > int(expected.sum()), "nothing was dropped: the test would be vacuous"
     assert torch.equal(r["capped_map"], expected)
@@ -285,8 +310,8 @@ def _sequence_run():
     return out
 
 
-def test_sequence_routing_shares_experts_across_the_sequence(dist2):
-    r = dist2.run(_sequence_run)[0]
+def test_sequence_routing_shares_experts_across_the_sequence(one_rank):
+    r = _sequence_run()
     for s in range(r["map"].shape[0]):  # every token, padding included, carries its sequence's choice
         assert torch.equal(r["map"][s], r["exp_map"])
         assert_close_rel(r["probs"][s], r["exp_probs"], 1e-6, f"probs at position {s}")
@@ -386,118 +411,13 @@ def _stats_run():
                 expected=expected, dropped=int(free_map.sum() - routing_map.sum()))
 
 
-def test_routing_stats_count_logical_assignments_before_dropping(dist2):
-    r = dist2.run(_stats_run)[0]
+def test_routing_stats_count_logical_assignments_before_dropping(one_rank):
+    r = _stats_run()
     assert r["dropped"] > 0 and r["once"].dtype == torch.long
     assert torch.equal(r["once"], r["expected"]) and int(r["expected"].sum()) == 6 * 2 * 2
     assert int(r["zero"].sum()) == 0
     assert torch.equal(r["recomputed"], r["expected"])
     assert torch.equal(r["evaluated"], 2 * r["expected"])
-
-
-# ---------------------------------------------------------------- frozen / random routers
-def _router_variants_run():
-    from megatron.core import parallel_state as ps
-
-    torch.manual_seed(100 + dist.get_rank())  # the random projection must not depend on this
-    config = _config()
-    routers = {}
-    for name, kw in {"random": dict(slot_to_logical=PERM), "random_identity": {}}.items():
-        routers[name] = _router(config, router_type="random", **kw)
-        routers[name].set_layer_number(1)
-    layer2 = _router(config, router_type="random")
-    layer2.set_layer_number(2)
-    seeded, rng_after = {}, {}
-    for router_type in ("learned", "frozen", "random"):
-        torch.manual_seed(7)
-        seeded[router_type] = _router(config, router_type=router_type, slot_to_logical=PERM)
-        seeded[router_type].set_layer_number(1)
-        rng_after[router_type] = torch.rand(3)  # the model's init stream continues identically
-    errors = []
-    for bad in (dict(router_type="trained"), dict(granularity="batch"), dict(slot_to_logical=[0, 0, 1, 2])):
-        try:
-            _router(config, **bad)
-        except ValueError as e:
-            errors.append(str(e))
-    logical = routers["random"].weight.detach()[torch.argsort(torch.tensor(PERM))]
-    everyone = [torch.empty_like(logical) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, logical)
-    return dict(
-        random=logical, random_identity=routers["random_identity"].weight.detach(), layer2=layer2.weight.detach(),
-        learned=seeded["learned"].weight.detach(), frozen=seeded["frozen"].weight.detach(),
-        requires_grad={k: r.weight.requires_grad for k, r in {**routers, **seeded}.items()},
-        seeded_random=seeded["random"].weight.detach(), rng_after=rng_after,
-        everyone=everyone, errors=errors, ep=ps.get_expert_model_parallel_rank(),
-    )
-
-
-def test_random_and_frozen_router_weights(dist2):
-    for r in dist2.run(_router_variants_run, ep=2):
-        assert all(torch.equal(w, r["random"]) for w in r["everyone"])  # same on every rank
-        assert torch.equal(r["random"], r["random_identity"])  # and in every slot order
-        assert_close_rel(r["random"].norm(dim=1), torch.ones(E), 1e-6, "unit rows")
-        assert not torch.allclose(r["random"], r["layer2"], atol=0.1)  # a projection per layer
-        assert torch.equal(r["frozen"], r["learned"])  # frozen = learned init, kept
-        assert torch.equal(r["seeded_random"], r["random"][PERM])  # model seed irrelevant
-        assert all(torch.equal(v, r["rng_after"]["learned"]) for v in r["rng_after"].values())
-        assert r["requires_grad"] == {"random": False, "random_identity": False, "learned": True, "frozen": False}
-        assert len(r["errors"]) == 3
-
-
-STEPS = 3
-
-
-def _train_steps(router_type):
-    """A 2-layer MoE GPT (MoDSERouter in both layers) trained with megatron's DDP + distributed
-    optimizer; the router must be untouched unless it is learned."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from modse_megatron.moe.router import MoDSERouter
-    from modse_megatron.testing.megatron_utils import token_batch
-
-    _fresh_aux_loss_tracker()
-    config = _config(num_layers=2, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2)
-    spec = get_gpt_layer_local_spec(num_experts=E)
-    moe = spec.submodules.mlp
-    builder = functools.partial(MoDSERouter, router_type=router_type, slot_to_logical=PERM)
-    moe = dataclasses.replace(moe, submodules=dataclasses.replace(moe.submodules, router=builder))
-    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=moe))
-    model = GPTModel(config, spec, vocab_size=64, max_sequence_length=16)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True), model
-    )
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True, clip_grad=1.0), [ddp]
-    )
-    for step in range(STEPS):
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        tokens, positions = token_batch(2, 16, 64, seed=10 * step + dist.get_rank())
-        ddp(tokens, positions, None, labels=tokens).mean().backward()
-        ddp.finish_grad_sync()
-        ok, _, _ = optimizer.step()
-        assert ok
-    return dict(
-        changed={n: not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()},
-        router_in_ddp=any(id(p) in {id(q) for q in ddp.params_with_grad} for n, p in model.named_parameters()
-                          if n.endswith("router.weight")),
-    )
-
-
-@pytest.mark.parametrize("router_type", ["learned", "frozen", "random"])
-def test_only_a_learned_router_is_trained(dist2, router_type):
-    for r in dist2.run(_train_steps, router_type, ep=2):
-        routers = {n: c for n, c in r["changed"].items() if "router" in n}
-        others = {n: c for n, c in r["changed"].items() if "router" not in n}
-        assert len(routers) == 2 and len(others) > 10
-        assert all(others.values()), [n for n, c in others.items() if not c]
-        learned = router_type == "learned"
-        assert all(c == learned for c in routers.values()), routers  # bit-identical unless learned
-        assert r["router_in_ddp"] == learned
 
 
 # ---------------------------------------------------------------- layout-free checkpoints

@@ -110,12 +110,21 @@ def _layer_build_warnings():
     return [r.getMessage() for r in records]
 
 
+def test_transformer_layer_hands_the_moe_layer_its_process_groups_one_rank(one_rank):
+    messages = _layer_build_warnings()
+    assert not [m for m in messages if "Unknown MLP type" in m], messages
+
+
 def test_transformer_layer_hands_the_moe_layer_its_process_groups(dist2):
     """The spec's MLP is megatron's MoELayer (with MoDSE experts/router), which megatron's
     TransformerLayer recognises: it passes the model's process groups instead of warning
     "Unknown MLP type ... Using default kwargs" (it did for a MoELayer subclass)."""
     for messages in dist2.run(_layer_build_warnings):
         assert not [m for m in messages if "Unknown MLP type" in m], messages
+
+
+def test_dense_baseline_through_the_same_spec_one_rank(one_rank):
+    assert _dense_gpt() == (["dense", "dense"], True)
 
 
 def test_dense_baseline_through_the_same_spec(dist2):
@@ -152,6 +161,21 @@ def _gpt_expert_keys():
         built = value.build() if hasattr(value, "build_fn") else value
         keys |= {sh.key for sh in (built if isinstance(built, list) else [built]) if ".experts." in sh.key}
     return keys
+
+
+def _gpt_moe_layer_widths():
+    """(MLP kind per layer, logical id -> width of the first MoE layer's experts) at EP=1."""
+    model = _gpt(_gpt_config(num_layers=3, moe_layer_freq=[1, 0, 1]), MoDSEConfig(moe_expert_size_preset="paper8"))
+    experts = model.decoder.layers[0].mlp.experts
+    return _mlp_kinds(model), dict(zip(experts.logical_ids, experts.expert_widths))
+
+
+def test_gpt_checkpoint_has_one_key_per_logical_expert_per_layer_one_rank(one_rank):
+    assert _gpt_expert_keys() == {f"decoder.layers.{layer}.mlp.experts.expert{e}.{name}.weight"
+                                  for layer in (0, 2) for e in range(8) for name in ("linear_fc1", "linear_fc2")}
+    kinds, widths = _gpt_moe_layer_widths()
+    assert kinds == ["modse", "dense", "modse"]  # moe_layer_freq decides, layer by layer
+    assert widths == dict(enumerate([72, 8, 64, 16, 48, 32, 40, 40]))  # paper pairs of width 40
 
 
 def test_gpt_checkpoint_has_one_key_per_logical_expert_per_layer(dist2):

@@ -116,6 +116,12 @@ def _te_math_vs_loop(activation, align):
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("align", [1, 16])
+def test_te_forward_math_matches_loop_oracle_one_rank(one_rank, activation, align):
+    assert _te_math_vs_loop(activation, align)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("align", [1, 16])
 def test_te_forward_math_matches_loop_oracle(dist2, activation, align):
     assert all(dist2.run(_te_math_vs_loop, activation, align))
 
@@ -197,6 +203,10 @@ def _state_dicts_across_impls():
     grouped.load_state_dict(te_state)  # strict: nor are they "unexpected" for grouped
     assert all(torch.equal(te_state[k], v) for k, v in grouped.state_dict().items())
     return True
+
+
+def test_state_dicts_load_across_impls_one_rank(one_rank):
+    assert _state_dicts_across_impls()
 
 
 def test_state_dicts_load_across_impls(dist2):

@@ -1,4 +1,6 @@
 """megatron-core itself, unchanged, on CPU/gloo through the platform layer (real 2-rank runs)."""
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ from modse_megatron.testing.megatron_utils import (
     tiny_transformer_config,
     token_batch,
 )
+from modse_megatron.testing.seeded import seeded_randn
 
 RTOL = 1e-5
 VOCAB = 128
@@ -69,10 +72,8 @@ def _build_moe(config):
     return build_module(spec, config=config)
 
 
-def _logical_weight(name: str, shape, scale: float = 0.05) -> torch.Tensor:
-    """A deterministic weight per logical name, identical on every rank and layout."""
-    seed = sum(ord(c) * (i + 1) for i, c in enumerate(name)) % (2**31)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+# A deterministic weight per logical name, identical on every rank and layout.
+_logical_weight = functools.partial(seeded_randn, scale=0.05)
 
 
 def _load_logical_moe_weights(layer, ep_rank: int, local: int) -> None:

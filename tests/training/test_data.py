@@ -166,17 +166,21 @@ def test_bad_data_is_a_one_line_data_error(corpus, tmp_path, kind):
 def test_bad_request_is_a_data_error(corpus, tmp_path, kwargs, expected):
     prefix, tok, _ = corpus
     args = dict(seq_length=SEQ, num_samples=(10, 1, 1), cache_dir=str(tmp_path)) | kwargs
-    with pytest.raises(DataError, match=expected):
+    with pytest.raises(DataError, match=expected) as err:
         build_gpt_datasets(prefix, tok, **args)
+    assert "\n" not in str(err.value)
 
 
 def test_parse_data_prefix():
     assert parse_data_prefix("/d/a") == (["/d/a"], None)
     assert parse_data_prefix("0.3 /d/a.bin 0.7 /d/b") == (["/d/a", "/d/b"], [0.3, 0.7])
     assert parse_data_prefix(["/d/a", "/d/b.idx"]) == (["/d/a", "/d/b"], None)
-    for bad in ("0.3 /d/a /d/b", "-1 /d/a", ""):
-        with pytest.raises(DataError):
+    for bad, fix in (("0.3 /d/a /d/b", "write 'w1 p1 w2 p2' or only prefixes"),
+                     ("-1 /d/a", "write positive weights and prefixes"),
+                     ("", "pass a dataset prefix such as data/corpus")):
+        with pytest.raises(DataError) as err:
             parse_data_prefix(bad)
+        assert fix in str(err.value) and "\n" not in str(err.value)
 
 
 def test_check_indexed_dataset_counts(corpus):

@@ -6,12 +6,16 @@ are covered the same way: by running the real entry point.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from modse_megatron.testing.ports import address_in_use, free_port
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
@@ -25,19 +29,24 @@ TINY = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A port for launches that must name one up front (racy: such launches retry on
+# ``address_in_use``). Single-node launches use ``--standalone`` instead: torchrun binds port 0.
+_port = free_port
+
+
+def pretrain_cmd(args, *, data, nproc=2, launcher=("--standalone",)) -> list[str]:
+    """The torchrun command line of ``modse_megatron.pretrain`` on ``data``."""
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node", str(nproc),
+            "-m", "modse_megatron.pretrain",
+            "--data-path", data["prefix"], "--tokenizer", data["tokenizer"], "--data-cache-dir", data["cache"], *args]
 
 
 def torchrun(args, *, data, nproc=2, timeout=300, extra_launcher=(), env=None):
-    """Launch ``modse_megatron.pretrain`` under torchrun; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           *extra_launcher, "-m", "modse_megatron.pretrain",
-           "--data-path", data["prefix"], "--tokenizer", data["tokenizer"], "--data-cache-dir", data["cache"], *args]
-    if not extra_launcher:
-        cmd[5:5] = ["--master-port", str(_port())]
+    """Launch ``modse_megatron.pretrain`` under torchrun; returns the CompletedProcess.
+
+    Single-node (``--standalone``: torchrun picks a free port itself) unless ``extra_launcher``
+    gives the rendezvous options."""
+    cmd = pretrain_cmd(args, data=data, nproc=nproc, launcher=tuple(extra_launcher) or ("--standalone",))
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
 
@@ -146,23 +155,45 @@ def test_resume_reproduces_uninterrupted_run(data, base_run, tmp_path):
     assert all(resumed[i] == full[i] for i in resumed), (resumed, full)  # bit-exact
 
 
-def test_two_node_launch_on_localhost(data, tmp_path):
-    """Two torchrun agents (--nnodes 2, one rank each) rendezvous over c10d on localhost."""
-    port = _port()
-    launcher = lambda rank: ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                             "--master-port", str(port)]
-    args = [*TINY, "--train-iters", "2", "--expert-model-parallel-size", "2"]
-    procs = []
+def _two_node_attempt(data, args, out_dir, timeout=300):
+    """Both torchrun agents on one port; (returncodes, [(stdout, stderr)]) once both exit.
+
+    A failed agent stops the other (it would wait for its peer until torchrun's timeout)."""
+    port = free_port()
+    procs, logs = [], []
     for rank in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", *launcher(rank),
-               "-m", "modse_megatron.pretrain", "--data-path", data["prefix"], "--tokenizer", data["tokenizer"],
-               "--data-cache-dir", data["cache"], *args, "--log-dir", str(tmp_path / f"node{rank}")]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, out[-2000:] + err[-4000:]
-    assert list(losses(tmp_path / "node0")) == [1, 2]  # global rank 0 (node 0) writes the metrics
+        launcher = ("--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port))
+        cmd = pretrain_cmd([*args, "--log-dir", str(out_dir / f"node{rank}")], data=data, nproc=1, launcher=launcher)
+        logs.append((out_dir / f"agent{rank}.out", out_dir / f"agent{rank}.err"))
+        with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    deadline = time.monotonic() + timeout
+    try:
+        while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
+               and not any(p.returncode not in (None, 0) for p in procs)):
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return [p.returncode for p in procs], [(out.read_text(), err.read_text()) for out, err in logs]
+
+
+def test_two_node_launch_on_localhost(data, tmp_path):
+    """Two torchrun agents (--nnodes 2, one rank each) rendezvous on localhost. They must be
+    told one port up front: if someone else took it meanwhile, try another."""
+    args = [*TINY, "--train-iters", "2", "--expert-model-parallel-size", "2"]
+    for attempt in range(3):
+        out_dir = tmp_path / f"attempt{attempt}"
+        out_dir.mkdir()
+        codes, outs = _two_node_attempt(data, args, out_dir)
+        if codes == [0, 0] or not any(address_in_use(out + err) for out, err in outs):
+            break
+    for code, (out, err) in zip(codes, outs):
+        assert code == 0, out[-2000:] + err[-4000:]
+    assert list(losses(out_dir / "node0")) == [1, 2]  # global rank 0 (node 0) writes the metrics
     assert "world 2 (cpu), TP 1 PP 1 EP 2 DP 2" in outs[0][0]
 
 
@@ -225,13 +256,10 @@ def test_existing_checkpoint_is_never_overwritten(data, base_run, tmp_path):
 def test_sigterm_saves_and_stops_cleanly(data, tmp_path):
     """SIGTERM to torchrun reaches every rank; they agree, save a checkpoint and exit."""
     import signal
-    import time
 
     log, save = tmp_path / "log", tmp_path / "save"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
-           "-m", "modse_megatron.pretrain", "--data-path", data["prefix"], "--tokenizer", data["tokenizer"],
-           "--data-cache-dir", data["cache"], *TINY, "--train-iters", "100000", "--lr-warmup-iters", "1",
-           "--log-dir", str(log), "--save", str(save)]
+    cmd = pretrain_cmd([*TINY, "--train-iters", "100000", "--lr-warmup-iters", "1", "--log-dir", str(log),
+                        "--save", str(save)], data=data)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 180
