@@ -37,12 +37,14 @@ per exponent): max compute per rank with ``num_replicas`` redundant copies (copy
 with the placement, ``joint_counts``), against the planner with EPLB's greedy counts
 (``joint_counts=False``), the planner without replicas and EPLB's ``replicate_experts`` +
 ``balanced_packing`` (global policy) written from its published description, which may put two
-copies of one expert on one rank (deepseek-ai/EPLB#22; counted).  Gaps are to the planner's replica lower
-bound, which holds for every choice of copy counts, and for the planner also to the
-pigeonhole bound for its own counts (placement quality apart from the count rule).  Cases:
+copies of one expert on one rank (deepseek-ai/EPLB#22; counted).  Gaps are to the planner's
+replica lower bound, which holds for every choice of copy counts, and for the planner also to
+the pigeonhole bound for its own counts (placement quality apart from the count rule).  Cases:
 ``compute_uniform`` / ``compute_modse``: 64 replicas (k = 5), ``balance="compute"``;
-``paired_modse``: 128 replicas (k = 6), memory kept exactly equal (the baseline ignores
-memory); ``compute_modse_128``: the same without equal memory (what equal memory costs).
+``compute_uniform_stacked``: ``compute_uniform`` with ``stack_copies`` (EPLB's own problem:
+copies of one expert may share a rank); ``paired_modse``: 128 replicas (k = 6), memory kept
+exactly equal (the baseline ignores memory); ``compute_modse_128``: the same without equal
+memory (what equal memory costs).
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -330,15 +332,16 @@ def replica_side(plan, seconds: float, bound: np.ndarray) -> dict:
 
 
 def replica_case(sizes: np.ndarray, loads: np.ndarray, R: int, X: int, balance: str,
-                 repeat: int) -> dict:
+                 repeat: int, stack: bool = False) -> dict:
     """One size kind and balance over [L, n] loads: planner with and without X replicas vs
-    EPLB replicate + balanced packing."""
+    EPLB replicate + balanced packing (stack: the planner may stack copies too)."""
     L, n = loads.shape
     w = sizes * loads
     rep, t_rep = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance,
-                                                    num_replicas=X), repeat)
+                                                    num_replicas=X, stack_copies=stack), repeat)
     greedy, t_greedy = timed(lambda: plan_placement_batch(
-        sizes, loads, R, balance=balance, num_replicas=X, joint_counts=False), repeat)
+        sizes, loads, R, balance=balance, num_replicas=X, joint_counts=False,
+        stack_copies=stack), repeat)
     plain, t_plain = timed(lambda: plan_placement_batch(sizes, loads, R, balance=balance), repeat)
     (pack, phy2log, copies), t_eplb = timed(lambda: eplb_replicated_packing(w, n + X, R), repeat)
     per_copy = np.take_along_axis(w / copies, phy2log, axis=1)
@@ -395,17 +398,19 @@ def run_replicas(layers: int, repeat: int, n: int = 256, R: int = 64) -> dict:
             rows.append(zipf_loads(rng, n, s))
         loads[s] = np.stack(rows)
     modse = np.array(widths_from_ratios(MODSE_RATIOS, 256, n // 8), float)
-    cases = (("compute_uniform", np.full(n, 1024.0), 64, "compute"),
-             ("compute_modse", modse, 64, "compute"),
-             ("paired_modse", modse, 128, "memory_then_compute"),
-             ("compute_modse_128", modse, 128, "compute"))  # paired_modse without equal memory
+    cases = (("compute_uniform", np.full(n, 1024.0), 64, "compute", False),
+             ("compute_modse", modse, 64, "compute", False),
+             ("paired_modse", modse, 128, "memory_then_compute", False),
+             ("compute_modse_128", modse, 128, "compute", False),  # paired_modse, unequal memory
+             ("compute_uniform_stacked", np.full(n, 1024.0), 64, "compute", True))
     out: dict = {"experts": n, "ranks": R, "layers_per_zipf": layers}
-    for name, sizes, X, balance in cases:
+    for name, sizes, X, balance, stack in cases:
         case: dict = {"num_replicas": X, "slots_per_rank": (n + X) // R, "balance": balance,
-                      "by_zipf": {str(s): replica_case(sizes, loads[s], R, X, balance, repeat)
-                                  for s in zipf}}
+                      "stack_copies": stack,
+                      "by_zipf": {str(s): replica_case(sizes, loads[s], R, X, balance, repeat,
+                                                       stack) for s in zipf}}
         case["all"] = replica_case(sizes, np.concatenate([loads[s] for s in zipf]), R, X,
-                                   balance, repeat)
+                                   balance, repeat, stack)
         out[name] = case
     return out
 

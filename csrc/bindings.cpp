@@ -21,7 +21,7 @@ namespace {
 py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray> previous,
                     int num_ranks, int ranks_per_node, int balance, double bytes_per_param,
                     double move_slack, int exact_max_experts, int64_t exact_node_budget,
-                    int num_threads, int num_replicas, bool joint_counts) {
+                    int num_threads, int num_replicas, bool joint_counts, bool stack_copies) {
   if (loads.ndim() != 2)
     mp::fail("loads must be a 2-D array [layers, experts], got " + std::to_string(loads.ndim()) +
              "-D");
@@ -52,6 +52,7 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
   o.exact_node_budget = exact_node_budget;
   o.num_replicas = num_replicas;
   o.joint_counts = joint_counts;
+  o.stack_copies = stack_copies;
   mp::validate_options(n, o);
 
   std::vector<mp::LayerPlan> plans;
@@ -128,7 +129,7 @@ PYBIND11_MODULE(_planner, m) {
         py::arg("num_ranks"), py::arg("ranks_per_node"), py::arg("balance"),
         py::arg("bytes_per_param"), py::arg("move_slack"), py::arg("exact_max_experts"),
         py::arg("exact_node_budget"), py::arg("num_threads"), py::arg("num_replicas") = 0,
-        py::arg("joint_counts") = true,
+        py::arg("joint_counts") = true, py::arg("stack_copies") = false,
         "Plan many layers; returns a dict of numpy arrays (see plan.py).");
   m.def(
       "cardinality_lower_bound",

@@ -8,7 +8,7 @@
 //   4. moves:    among plans equally good on 1-3, move the fewest bytes from `previous`
 //                (warm start from it + relabelling, relabel.h).
 // With num_replicas > 0 the items placed are copies of experts (replicas.h): greedy counts, the
-// same stages on the copies (on distinct ranks), then with joint_counts a
+// same stages on the copies (on distinct ranks unless stack_copies), then with joint_counts a
 // search over counts and placement together (counts.h); `previous` is not supported.
 #pragma once
 
@@ -199,7 +199,7 @@ inline void search_counts(const Layer& layer, const std::vector<double>& s,
                           bool greedy_proven, std::vector<int>& count, Candidate& c,
                           double& lb) {
   const int R = layer.R, k = layer.k, S = layer.n;
-  const bool distinct = true;  // copies of an expert on distinct ranks
+  const bool distinct = !o.stack_copies;
   const std::vector<int> greedy = count;
   CopySet cs(w, s, t, count);
   Bins bins(cs.w, c.bin_of, R, k);
@@ -241,7 +241,7 @@ inline LayerPlan solve_copies(const std::vector<double>& s, const std::vector<do
                               const std::string& where, const PairStructure* shared) {
   const int n = static_cast<int>(s.size()), R = o.num_ranks, extra = o.num_replicas;
   const int k = (n + extra) / R;
-  const bool distinct = true;  // copies of an expert on distinct ranks
+  const bool distinct = !o.stack_copies;
   const int cap = distinct ? R : extra + 1;
   const PairStructure expert_pairs = pairs_if_paired(o, k, s, shared);
   std::vector<int> count = expert_pairs.found

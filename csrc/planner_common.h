@@ -89,6 +89,8 @@ struct Options {
   // Copy counts searched jointly with the placement (planner_counts.h); false = EPLB's greedy
   // counts only.
   bool joint_counts = true;
+  // Copies of one expert may share a rank (EPLB does this); false = on distinct ranks.
+  bool stack_copies = false;
 };
 
 struct LayerPlan {
@@ -122,9 +124,10 @@ inline void validate_options(int n, const Options& o) {
   if (o.num_replicas < 0)
     fail("num_replicas=" + std::to_string(o.num_replicas) + " must be an integer >= 0");
   const int64_t most = static_cast<int64_t>(n) * (o.num_ranks - 1);
-  if (o.num_replicas > most)
+  if (!o.stack_copies && o.num_replicas > most)
     fail("num_replicas=" + std::to_string(o.num_replicas) + " exceeds num_experts*(num_ranks-1)=" +
-         std::to_string(most) + ": an expert has at most one copy per rank");
+         std::to_string(most) + ": an expert has at most one copy per rank, so use fewer "
+         "num_replicas or stack_copies");
   const int64_t slots = static_cast<int64_t>(n) + o.num_replicas;
   if (slots > kMaxSlots)
     fail("num_experts=" + std::to_string(n) + " + num_replicas=" + std::to_string(o.num_replicas) +

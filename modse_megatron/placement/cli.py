@@ -64,8 +64,8 @@ Place MoDSE experts (different FFN widths) on expert-parallel ranks, per MoE lay
 equal memory per rank where the sizes allow it (complementary pairs share a rank), then
 minimal max compute (sum of load x width per rank), then balanced token inflow per node,
 then the fewest bytes moved from --previous.  With --replicas N, N extra slots hold copies
-of busy experts (their tokens split evenly between copies, copies on distinct ranks), how
-many of each chosen together with the placement.
+of busy experts (their tokens split evenly between copies, copies on distinct ranks unless
+--stack-copies), how many of each chosen together with the placement.
 Every plan reports its proven lower bound, the gap to it, and whether it is optimal."""
 
 EPILOG = """\
@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --replicas: choose copies per expert together with the placement (never "
         "worse); --no-joint-counts keeps EPLB's greedy counts, which minimise the heaviest copy, "
         f"not the heaviest rank (default {'on' if DEFAULTS.joint_counts else 'off'})",
+    )
+    p.add_argument(
+        "--stack-copies", action="store_true", default=DEFAULTS.stack_copies,
+        help="with --replicas: copies of one expert may share a rank (EPLB's behaviour); "
+        "default: every copy on a distinct rank",
     )
     p.add_argument("--previous", metavar="r,r,...",
                    help="current rank of every expert (plans that move less win ties)")
@@ -179,7 +184,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[float], BatchPlacementPlan]:
     previous = None if args.previous is None else _ints(args.previous, "--previous")
     options = PlanOptions(balance=args.balance, bytes_per_param=args.bytes_per_param,
                           move_slack=args.move_slack, num_replicas=args.replicas,
-                          joint_counts=args.joint_counts)
+                          joint_counts=args.joint_counts, stack_copies=args.stack_copies)
     batch = plan_placement_batch(sizes, loads, args.ranks, args.ranks_per_node, previous,
                                  options=options)
     return sizes, batch

@@ -54,6 +54,10 @@ class PlanOptions:
     (count moves in the local search, and an exact search over every choice of counts on small
     layers), instead of only EPLB's greedy counts, which minimise the heaviest copy rather than
     the heaviest rank.  Never worse than ``False``; slower."""
+    stack_copies: bool = False
+    """With replicas: copies of one expert may share a rank (EPLB's behaviour: such a rank holds
+    the expert's memory twice and splits nothing), so ``num_replicas`` may exceed
+    ``n * (num_ranks - 1)``.  ``False``: every copy of an expert on a distinct rank."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -72,8 +76,10 @@ class PlanOptions:
         self._set_int("exact_node_budget", _INT64_MAX)
         self._set_int("num_threads", _INT32_MAX, "0 = automatic")
         self._set_int("num_replicas", _INT32_MAX)
-        if not isinstance(self.joint_counts, bool):
-            raise ValueError(f"joint_counts={self.joint_counts!r} must be True or False")
+        for name in ("joint_counts", "stack_copies"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be True or False")
 
     def _set_int(self, name: str, high: int, why: str = "") -> None:
         """Check an integer field in [0, high] and store it as a plain int."""

@@ -35,7 +35,7 @@ the largest per-copy compute), which minimises the heaviest *copy*, not the heav
 with ``joint_counts`` (default) the counts are then searched together with the placement
 (count moves inside the local search; on layers with ``S <= exact_max_experts`` branch and
 bound over every choice of counts), never worse than the greedy counts.  At most one copy of an
-expert per rank.  In paired mode (complementary
+expert per rank, unless ``stack_copies`` (EPLB's behaviour).  In paired mode (complementary
 sizes, ``k`` even) copies are added and moved in complementary pairs, so memory stays exactly
 equal, and ``X`` must be even.  ``lower_bound`` holds for every way of choosing the copy
 counts, so ``optimal`` means no choice of counts and placement does better; ``method`` says
@@ -114,7 +114,8 @@ class PlacementPlan:
     """Logical expert of each physical slot, rank-major: slot i lives on rank
     ``i // experts_per_rank`` (EPLB's phy2log); ascending inside a rank."""
     ranks_of_expert: list[list[int]]
-    """Ranks holding a copy of each expert, ascending (distinct: one copy per rank)."""
+    """Ranks holding a copy of each expert, ascending (distinct ranks unless ``stack_copies``,
+    where a rank holding two copies appears twice)."""
 
     @property
     def experts_of_rank(self) -> list[list[int]]:
@@ -293,10 +294,10 @@ def _validate(
     if loads.shape[0] == 0:
         raise ValueError("loads has no layers: give one row of loads per MoE layer")
     X = options.num_replicas
-    if X > n * (R - 1):
+    if X > n * (R - 1) and not options.stack_copies:
         raise ValueError(
             f"num_replicas={X} exceeds num_experts*(num_ranks-1)={n * (R - 1)}: "
-            f"an expert has at most one copy per rank"
+            f"an expert has at most one copy per rank, so use fewer num_replicas or stack_copies"
         )
     if n + X > MAX_SLOTS:
         raise ValueError(
@@ -365,8 +366,8 @@ def plan_placement_batch(
             placement; the new plan moves the fewest bytes among equally good plans.
         options: a ``PlanOptions`` (default ``PlanOptions()``): ``balance``,
             ``bytes_per_param``, ``move_slack``, ``exact_max_experts``, ``exact_node_budget``,
-            ``num_threads``, ``num_replicas``, ``joint_counts``; their meaning and defaults are
-            documented there.
+            ``num_threads``, ``num_replicas``, ``joint_counts``, ``stack_copies``; their meaning
+            and defaults are documented there.
         **overrides: any ``PlanOptions`` field as a keyword (e.g. ``balance="compute"``),
             replacing that field of ``options``.
     """
@@ -399,6 +400,7 @@ def plan_placement_batch(
         R, 0 if ranks_per_node is None else g, BALANCE_MODES.index(opts.balance),
         float(opts.bytes_per_param), float(opts.move_slack), opts.exact_max_experts,
         opts.exact_node_budget, opts.num_threads, opts.num_replicas, opts.joint_counts,
+        opts.stack_copies,
     )
     lb, mx = out["lower_bound"], out["max_compute"]
     gap = np.zeros_like(lb)

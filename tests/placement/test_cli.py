@@ -93,6 +93,7 @@ def test_flag_defaults_are_the_api_defaults():
     defaults = PlanOptions()
     assert (args.balance, args.bytes_per_param, args.move_slack, args.replicas) == (
         defaults.balance, defaults.bytes_per_param, defaults.move_slack, defaults.num_replicas)
+    assert (args.joint_counts, args.stack_copies) == (defaults.joint_counts, defaults.stack_copies)
 
 
 def test_missing_planner_is_one_line(capsys, monkeypatch):
@@ -119,9 +120,25 @@ def test_replicas_table_and_json(capsys):
     assert len(plan["ranks_of_expert"][0]) == 2
 
 
+def test_joint_counts_and_stacking_flags(capsys):
+    """The issue's example: greedy counts 49.5, joint counts 39.5; stacking takes 6 replicas."""
+    argv = ["--widths", "1,1,1,1", "--loads", "26,2,23,27", "--ranks", "2", "--json"]
+    plans = {}
+    for extra in ([], ["--no-joint-counts"], ["--joint-counts"]):
+        code, out, _ = run(capsys, *argv, "--replicas", "2", *extra)
+        assert code == 0
+        plans[tuple(extra)] = json.loads(out)
+    assert plans[()]["max_compute"] == plans[("--joint-counts",)]["max_compute"] == 39.5
+    assert plans[("--no-joint-counts",)]["max_compute"] == 49.5
+    code, out, _ = run(capsys, *argv, "--replicas", "6", "--stack-copies")
+    plan = json.loads(out)
+    assert code == 0 and plan["max_compute"] == 39.0 and max(plan["copies_per_expert"]) > 2
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--widths", "1,1", "--ranks", "2", "--replicas", "4"], "or stack_copies"),
         (["--widths", "1,2,3", "--ranks", "2", "--replicas", "2"], "5 slots is not divisible"),
         (["--widths", "9,1,8,2", "--ranks", "5", "--replicas", "1"], "num_replicas=1 is odd"),
         (["--widths", "1,2", "--ranks", "2", "--replicas", "-2"], "num_replicas=-2"),

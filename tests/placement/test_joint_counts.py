@@ -1,4 +1,4 @@
-"""Copy counts chosen with the placement (joint_counts).
+"""Copy counts chosen with the placement (joint_counts) and stacked copies (stack_copies).
 
 EPLB's greedy counts minimise the heaviest copy, not the heaviest rank; joint counts must never
 be worse than them, keep memory equal in paired mode and stay above the lower bound, and on
@@ -81,8 +81,50 @@ def test_joint_counts_on_a_large_paired_layer():
     assert joint.copies_per_expert != greedy.copies_per_expert
 
 
-def test_joint_counts_must_be_a_bool():
-    for value in (1, "yes", 0.0):
-        with pytest.raises(ValueError, match=r"joint_counts=.* must be True or False") as info:
-            PlanOptions(joint_counts=value)
-        assert "\n" not in str(info.value)
+# ----------------------------------------------------------------------------- stacked copies
+
+
+@SETTINGS
+@given(replica_instances(max_n=24, max_ranks=8, stack=True), st.booleans())
+def test_stacked_plans_are_valid(inst, joint):
+    sizes, loads, R, X, balance = inst
+    plan = plan_placement(sizes, loads, R, balance=balance, num_replicas=X, stack_copies=True,
+                          joint_counts=joint)
+    check_valid(plan, sizes, loads, R, X, stacked=True)
+    if plan.paired:
+        assert len(set(plan.memory_per_rank)) == 1
+
+
+@SETTINGS
+@given(replica_instances(max_n=3, max_ranks=3, max_slots=8, stack=True))
+def test_stacked_optimum_and_bound(inst):
+    """Stacked copies: the plan is the brute-force optimum over every count vector (up to
+    num_replicas + 1 copies each) and placement; the greedy-count plan's bound stays below it."""
+    sizes, loads, R, X, balance = inst
+    plan = plan_placement(sizes, loads, R, balance=balance, num_replicas=X, stack_copies=True)
+    w = [s * t for s, t in zip(sizes, loads)]
+    best = best_over_counts(w, R, X, sizes if plan.paired else None, distinct=False)
+    assert plan.max_compute == pytest.approx(best, rel=REL, abs=1e-12)
+    heuristic = plan_placement(sizes, loads, R, balance=balance, num_replicas=X,
+                               stack_copies=True, joint_counts=False, exact_max_experts=0)
+    assert heuristic.lower_bound <= best * (1 + REL) + 1e-12
+    assert heuristic.max_compute >= plan.max_compute * (1 - REL)
+
+
+def test_stacking_allows_more_copies_than_ranks():
+    kwargs = dict(sizes=[1.0] * 4, loads=[26.0, 2.0, 23.0, 27.0], num_ranks=2, num_replicas=6)
+    with pytest.raises(ValueError, match=r"exceeds num_experts\*\(num_ranks-1\)=4: .* "
+                                         r"use fewer num_replicas or stack_copies"):
+        plan_placement(**kwargs)
+    plan = plan_placement(**kwargs, stack_copies=True)
+    check_valid(plan, kwargs["sizes"], kwargs["loads"], 2, 6, stacked=True)
+    assert plan.max_compute == 39.0 and plan.optimal  # the average: perfectly balanced
+    assert max(plan.copies_per_expert) > 2
+
+
+@pytest.mark.parametrize("field", ["joint_counts", "stack_copies"])
+@pytest.mark.parametrize("value", [1, "yes", 0.0])
+def test_flags_must_be_bools(field, value):
+    with pytest.raises(ValueError, match=rf"{field}=.* must be True or False") as info:
+        PlanOptions(**{field: value})
+    assert "\n" not in str(info.value)

@@ -165,7 +165,8 @@ def test_plan_options_and_keywords_are_one_set():
     assert PlanOptions(num_replicas=np.int64(2)).num_replicas == 2  # numpy ints are plain ints
     fields = {f.name for f in dataclasses.fields(PlanOptions)}
     assert fields == {"balance", "bytes_per_param", "move_slack", "exact_max_experts",
-                      "exact_node_budget", "num_threads", "num_replicas", "joint_counts"}
+                      "exact_node_budget", "num_threads", "num_replicas", "joint_counts",
+                      "stack_copies"}
     with pytest.raises(TypeError, match="unexpected keyword argument 'slack'"):
         plan_placement(sizes, loads, 4, slack=0.1)
 

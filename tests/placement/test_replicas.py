@@ -38,8 +38,9 @@ MODSE = "4.5:0.5,4.0:1.0,3.0:2.0,2.5:2.5"
 
 @st.composite
 def replica_instances(draw, max_n: int = 24, max_ranks: int = 8, max_slots: int | None = None,
-                      pairs: list | None = None):
-    """(sizes, loads, num_ranks, num_replicas, balance): valid slot counts, ties and zeros."""
+                      pairs: list | None = None, stack: bool = False):
+    """(sizes, loads, num_ranks, num_replicas, balance): valid slot counts, ties and zeros;
+    with ``stack`` also more replicas than distinct ranks allow (copies stacked on a rank)."""
     paired = pairs is not None or draw(st.booleans())
     if paired:
         half = draw(st.integers(1, max_n // 2))
@@ -53,7 +54,8 @@ def replica_instances(draw, max_n: int = 24, max_ranks: int = 8, max_slots: int 
     balance = draw(st.sampled_from(["memory_then_compute", "compute"]))
     pairable = is_pair_structured(sizes) and len(set(sizes)) > 1  # any two distinct sizes pair
     step = 2 if balance == "memory_then_compute" and pairable else 1
-    top = n * (R - 1) if max_slots is None else min(n * (R - 1), max_slots - n)
+    most = n * (R - 1) + (2 * R if stack else 0)
+    top = most if max_slots is None else min(most, max_slots - n)
     choices = [x for x in range(1, top + 1) if (n + x) % R == 0 and x % step == 0]
     if not choices and step == 2:
         balance, choices = "compute", [x for x in range(1, top + 1) if (n + x) % R == 0]
@@ -65,19 +67,19 @@ def replica_instances(draw, max_n: int = 24, max_ranks: int = 8, max_slots: int 
     return list(sizes), loads, R, X, balance
 
 
-def check_valid(plan, sizes, loads, R: int, X: int) -> None:
-    """Every rank exactly k slots, every expert >= 1 copy, copies on distinct ranks, and the
-    reported numbers recomputed from the slots."""
+def check_valid(plan, sizes, loads, R: int, X: int, stacked: bool = False) -> None:
+    """Every rank exactly k slots, every expert >= 1 copy, copies on distinct ranks (unless
+    ``stacked``), and the reported numbers recomputed from the slots."""
     n, S = len(sizes), len(sizes) + X
     k = S // R
     assert plan.num_replicas == X and plan.experts_per_rank == k
     slots = np.array(plan.slot_expert)
     assert slots.shape == (S,) and slots.min() >= 0 and slots.max() < n
     for r in range(R):
-        assert len(set(plan.slot_expert[r * k:(r + 1) * k])) == k, "two copies on one rank"
+        assert stacked or len(set(plan.slot_expert[r * k:(r + 1) * k])) == k, "two copies on a rank"
     copies = np.bincount(slots, minlength=n)
     assert copies.min() >= 1 and copies.tolist() == plan.copies_per_expert
-    assert copies.max() <= R
+    assert copies.max() <= (X + 1 if stacked else R)
     rank_of_slot = np.arange(S) // k
     assert plan.ranks_of_expert == [sorted(rank_of_slot[slots == e].tolist()) for e in range(n)]
     assert plan.rank_of_expert == [ranks[0] for ranks in plan.ranks_of_expert]
