@@ -1,0 +1,273 @@
+"""Re-planning expert placement during training, replayed on recorded routing traces.
+
+A trace (``benchmarks/data/*.json``, written by ``record``) holds the tokens routed to every
+logical expert of every MoE layer at every iteration of a real run, the expert widths, the EP
+size, the run's initial placement and the command that produced it.  Two are recorded from the
+project's tiny CPU pretraining (2 ranks, EP 2, 4 MoE layers, top-2, aux loss):
+``tiny_cpu_trace.json`` (``examples/configs/tiny_cpu.yaml`` as is: the paper's 8 experts, 300
+iterations) and ``tiny_cpu_32experts_trace.json`` (32 experts of the 4.5:0.5 ... 2.5:2.5 pairs,
+200 iterations), each recorded in under 5 minutes.  Each policy is replayed over a trace with
+the training loop's own rules (``modse_megatron.moe.replan``,
+``modse_megatron.training.replanning``): at iteration i the step runs on the placement in force,
+its tokens update the moving average (``LoadStats``, ``--ema-decay`` as
+``--moe-replan-ema-decay``), then every K iterations the policy may migrate (the new placement
+serves iteration i + 1 on).  Routing does not depend on placement (placement is
+math-invariant), so replaying the recorded tokens under another placement is exact.  One
+placement serves every MoE layer, as in training, so a step's compute per rank is the sum over
+layers of tokens x width.
+
+Policies:
+
+* ``static``: the run's initial placement (``moe_expert_placement=auto``: the planner with
+  uniform loads, equal memory per rank) for the whole run;
+* ``planner_every_K``: ``propose(policy="planner")`` on the moving average every K iterations,
+  migrating when the predicted max-rank compute improves by more than ``--min-gain`` (the
+  training defaults: min gain 0.03, move slack 0.01);
+* ``random_every_K``: a random equal-memory placement every K iterations (the migration test
+  policy of ``--moe-replan-policy random``);
+* ``per_step_oracle`` (a reference, not realisable): the planner on each step's own tokens,
+  i.e. the best equal-memory placement in hindsight, step by step.
+
+Reported per trace, EP size and policy: the per-step compute imbalance (max rank / mean rank of
+sum tokens x width) mean, p50, p95, max and mean over the second half of the run (routing
+settles as training goes on); migrations, moved experts and bytes moved (expert parameters x
+MoE layers x bytes per parameter of weights and Adam state, as the training loop counts them);
+planner calls and planning time per call (mean, max).  EP sizes: every power of two leaving at
+least 4 experts per rank (``--ep`` to choose; the planner only needs loads, and the initial
+placement at an EP size other than the recorded one is the planner's uniform-load plan).
+Prints one JSON object.
+
+``python benchmarks/replan.py record --metrics RUN/metrics.jsonl --out FILE -- ARGS`` turns the
+metrics of a run ``torchrun --nproc-per-node 2 -m modse_megatron.pretrain ARGS`` (``--config
+... --log-dir RUN``) into a trace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from modse_megatron.moe.replan import LoadStats, propose
+from modse_megatron.placement import plan_placement
+
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_TRACES = ("tiny_cpu_trace.json", "tiny_cpu_32experts_trace.json")
+
+
+# ----------------------------------------------------------------------------- traces
+
+
+def record(metrics: str, pretrain_args: list[str], out: str) -> dict:
+    """A trace from a run's metrics.jsonl and the modse-pretrain arguments of the run (widths,
+    EP, placement, model)."""
+    from modse_megatron.placement.layout import resolve_ranks
+    from modse_megatron.training.arguments import parse_args
+
+    args = parse_args(pretrain_args)
+    widths = args.expert_widths()
+    ep = args.parallel.expert_model_parallel_size
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    steps = sorted((r["iteration"], r["tokens_per_expert"]) for r in rows
+                   if "tokens_per_expert" in r and "event" not in r)
+    if not steps:
+        raise SystemExit(f"replan: error: {metrics} has no tokens_per_expert rows: record a "
+                         "MoDSE run with MoE layers")
+    layers = sorted(steps[0][1], key=int)
+    m = args.model
+    trace = {
+        "source": "torchrun --nproc-per-node 2 -m modse_megatron.pretrain "
+                  + shlex.join(pretrain_args),
+        "widths": widths,
+        "ep": ep,
+        "placement": resolve_ranks(args.modse.moe_expert_placement, widths, ep),
+        "hidden_size": m.hidden_size,
+        "swiglu": bool(m.swiglu),
+        "layers": layers,
+        # As the training loop counts a migration: weight, two Adam moments (+ fp32 main).
+        "bytes_per_param": (2 if m.bf16 else 4) + 8 + (4 if m.bf16 else 0),
+        "seed": args.optim.seed,
+        "iterations": [it for it, _ in steps],
+        "tokens": [[[int(x) for x in tokens[layer]] for layer in layers] for _, tokens in steps],
+    }
+    # One key per line, one iteration's tokens ([layer][expert]) per line: small, diffable.
+    lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in trace.items() if k != "tokens"]
+    lines += [' "tokens": [', ",\n".join(f"  {json.dumps(step)}" for step in trace["tokens"]), " ]"]
+    Path(out).write_text("{\n" + "\n".join(lines) + "\n}\n")
+    return trace
+
+
+def load_trace(path: Path) -> dict:
+    trace = json.loads(path.read_text())
+    trace["tokens_np"] = np.asarray(trace["tokens"], dtype=np.float64)  # [steps, layers, n]
+    return trace
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def step_imbalance(widths: np.ndarray, tokens: np.ndarray, ranks: Sequence[int], ep: int) -> float:
+    """max / mean over EP ranks of sum over layers of tokens x width ([layers, n] tokens)."""
+    compute = np.bincount(np.asarray(ranks), weights=tokens.sum(0) * widths, minlength=ep)
+    mean = compute.mean()
+    return float(compute.max() / mean) if mean > 0 else 1.0
+
+
+def moved_bytes(trace: dict, widths: Sequence[int], old: Sequence[int], new: Sequence[int]) -> int:
+    """Parameters (and their optimizer state) of the experts that change rank, in bytes."""
+    gated = 2 if trace["swiglu"] else 1
+    per_width = (gated + 1) * trace["hidden_size"] * len(trace["layers"]) * trace["bytes_per_param"]
+    return sum(w * per_width for w, a, b in zip(widths, old, new) if a != b)
+
+
+Decide = Callable[[int, list[int], LoadStats], tuple[list[int] | None, float]]
+
+
+def replay(trace: dict, ep: int, start: list[int], decide: Decide | None,
+           interval: int, decay: float) -> dict:
+    """Per-step imbalance, migrations and planning time of one policy over the trace.
+    decide(iteration, ranks, loads) -> (new ranks or None, seconds spent planning)."""
+    widths = trace["widths"]
+    w = np.asarray(widths, dtype=np.float64)
+    tokens = trace["tokens_np"]
+    loads = LoadStats(len(widths), decay)
+    ranks = list(start)
+    imb, plan_s = [], []
+    migrations = moved_experts = moved = 0
+    for i, it in enumerate(trace["iterations"]):
+        imb.append(step_imbalance(w, tokens[i], ranks, ep))
+        loads.update({str(layer): tokens[i, layer] for layer in range(tokens.shape[1])})
+        if decide is None or it % interval or i == len(trace["iterations"]) - 1:
+            continue
+        new, seconds = decide(it, ranks, loads)
+        plan_s.append(seconds)
+        if new is not None:
+            migrations += 1
+            moved_experts += sum(a != b for a, b in zip(ranks, new))
+            moved += moved_bytes(trace, widths, ranks, new)
+            ranks = new
+    return summary(imb) | {
+        "migrations": migrations, "moved_experts": moved_experts, "moved_bytes": moved,
+        "planner_calls": len(plan_s),
+        "planning_ms_per_call_mean": 1e3 * float(np.mean(plan_s)) if plan_s else 0.0,
+        "planning_ms_per_call_max": 1e3 * float(np.max(plan_s)) if plan_s else 0.0,
+    }
+
+
+def summary(imbalance: Sequence[float]) -> dict:
+    a = np.asarray(imbalance)
+    return {"steps": len(a), "imbalance_mean": float(a.mean()),
+            "imbalance_p50": float(np.percentile(a, 50)),
+            "imbalance_p95": float(np.percentile(a, 95)), "imbalance_max": float(a.max()),
+            # Routing settles as training goes on: the second half alone.
+            "imbalance_mean_second_half": float(a[len(a) // 2:].mean())}
+
+
+def planner_policy(widths: list[int], ep: int, min_gain: float, move_slack: float) -> Decide:
+    def decide(it: int, ranks: list[int], loads: LoadStats):
+        start = time.perf_counter()
+        p = propose(widths, loads.ema, ep, ranks, policy="planner", min_gain=min_gain,
+                    move_slack=move_slack)
+        return (p.ranks if p.migrate else None), time.perf_counter() - start
+    return decide
+
+
+def random_policy(widths: list[int], ep: int, seed: int) -> Decide:
+    rng = random.Random(seed)
+
+    def decide(it: int, ranks: list[int], loads: LoadStats):
+        start = time.perf_counter()
+        p = propose(widths, loads.ema, ep, ranks, policy="random", rng=rng)
+        return (p.ranks if p.migrate else None), time.perf_counter() - start
+    return decide
+
+
+def oracle(trace: dict, ep: int) -> dict:
+    """Each step on the planner's plan for that step's own tokens (hindsight, per step)."""
+    w = np.asarray(trace["widths"], dtype=np.float64)
+    imb, plan_s = [], []
+    for step in trace["tokens_np"]:
+        start = time.perf_counter()
+        ranks = plan_placement(trace["widths"], np.maximum(step.sum(0), 1e-9), ep).rank_of_expert
+        plan_s.append(time.perf_counter() - start)
+        imb.append(step_imbalance(w, step, ranks, ep))
+    return summary(imb) | {"planner_calls": len(plan_s),
+                           "planning_ms_per_call_mean": 1e3 * float(np.mean(plan_s))}
+
+
+def run(trace: dict, ep: int, intervals: Sequence[int], min_gain: float, move_slack: float,
+        decay: float) -> dict:
+    from modse_megatron.placement.layout import resolve_ranks
+
+    widths = trace["widths"]
+    start = trace["placement"] if ep == trace["ep"] else resolve_ranks("auto", widths, ep)
+    out: dict[str, Any] = {"ep": ep, "experts_per_rank": len(widths) // ep,
+                           "initial_placement": list(start)}
+    policies = {"static": replay(trace, ep, start, None, 1, decay)}
+    for k in intervals:
+        policies[f"planner_every_{k}"] = replay(
+            trace, ep, start, planner_policy(widths, ep, min_gain, move_slack), k, decay)
+        policies[f"random_every_{k}"] = replay(
+            trace, ep, start, random_policy(widths, ep, trace["seed"]), k, decay)
+    policies["per_step_oracle"] = oracle(trace, ep)
+    out["policies"] = policies
+    static = policies["static"]["imbalance_mean"]
+    out["imbalance_mean_over_static"] = {name: p["imbalance_mean"] / static
+                                         for name, p in policies.items()}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    rec = sub.add_parser("record", help="turn a run's metrics.jsonl into a trace")
+    rec.add_argument("--metrics", required=True, help="the run's metrics.jsonl")
+    rec.add_argument("--out", required=True, help="trace file to write")
+    rec.add_argument("pretrain_args", nargs=argparse.REMAINDER,
+                     help="-- then the run's modse-pretrain arguments (--config ... overrides)")
+    parser.add_argument("--traces", default=",".join(str(DATA / t) for t in DEFAULT_TRACES),
+                        help="comma-separated trace files")
+    parser.add_argument("--intervals", default="10,50", help="re-plan every K iterations")
+    parser.add_argument("--ep", default="", help="EP sizes to replay at (default: every power "
+                        "of two >= 2 leaving >= 4 experts per rank)")
+    parser.add_argument("--min-gain", type=float, default=0.03)
+    parser.add_argument("--move-slack", type=float, default=0.01)
+    parser.add_argument("--ema-decay", type=float, default=0.9)
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        pretrain_args = [a for a in args.pretrain_args if a != "--"]
+        trace = record(args.metrics, pretrain_args, args.out)
+        print(json.dumps({"trace": args.out, "steps": len(trace["tokens"]),
+                          "experts": len(trace["widths"]), "layers": len(trace["layers"])}))
+        return
+    begin = time.perf_counter()
+    intervals = [int(x) for x in args.intervals.split(",") if x.strip()]
+    result: dict[str, Any] = {
+        "benchmark": "expert re-planning replayed on recorded routing traces",
+        "settings": {"intervals": intervals, "min_gain": args.min_gain,
+                     "move_slack": args.move_slack, "ema_decay": args.ema_decay},
+        "traces": {},
+    }
+    for path in (Path(p) for p in args.traces.split(",") if p.strip()):
+        trace = load_trace(path)
+        n = len(trace["widths"])
+        eps = [int(x) for x in args.ep.split(",") if x.strip()] or [
+            ep for ep in (2, 4, 8, 16, 32, 64) if n % ep == 0 and n // ep >= 4]
+        result["traces"][path.name] = {
+            "source": trace["source"], "steps": len(trace["iterations"]), "experts": n,
+            "moe_layers": len(trace["layers"]), "widths": trace["widths"],
+            "recorded_ep": trace["ep"],
+            "by_ep": {str(ep): run(trace, ep, intervals, args.min_gain, args.move_slack,
+                                   args.ema_decay) for ep in eps},
+        }
+    result["wall_s"] = time.perf_counter() - begin
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
