@@ -21,7 +21,8 @@ namespace {
 py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray> previous,
                     int num_ranks, int ranks_per_node, int balance, double bytes_per_param,
                     double move_slack, int exact_max_experts, int64_t exact_node_budget,
-                    int num_threads, int num_replicas, bool joint_counts, bool stack_copies) {
+                    int num_threads, int num_replicas, bool joint_counts, bool stack_copies,
+                    int num_groups) {
   if (loads.ndim() != 2)
     mp::fail("loads must be a 2-D array [layers, experts], got " + std::to_string(loads.ndim()) +
              "-D");
@@ -53,6 +54,7 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
   o.num_replicas = num_replicas;
   o.joint_counts = joint_counts;
   o.stack_copies = stack_copies;
+  o.num_groups = num_groups;
   mp::validate_options(n, o);
 
   std::vector<mp::LayerPlan> plans;
@@ -130,6 +132,7 @@ PYBIND11_MODULE(_planner, m) {
         py::arg("bytes_per_param"), py::arg("move_slack"), py::arg("exact_max_experts"),
         py::arg("exact_node_budget"), py::arg("num_threads"), py::arg("num_replicas") = 0,
         py::arg("joint_counts") = true, py::arg("stack_copies") = false,
+        py::arg("num_groups") = 0,
         "Plan many layers; returns a dict of numpy arrays (see plan.py).");
   m.def(
       "cardinality_lower_bound",

@@ -10,6 +10,8 @@
 // With num_replicas > 0 the items placed are copies of experts (replicas.h): greedy counts, the
 // same stages on the copies (on distinct ranks unless stack_copies), then with joint_counts a
 // search over counts and placement together (counts.h); `previous` is not supported.
+// With num_groups (groups.h) groups of experts go to nodes first, then every node is planned as
+// above on its own ranks.
 #pragma once
 
 #include <atomic>
@@ -20,6 +22,7 @@
 #include "planner_bounds.h"
 #include "planner_counts.h"
 #include "planner_exact.h"
+#include "planner_groups.h"
 #include "planner_heuristic.h"
 #include "planner_hierarchy.h"
 #include "planner_pairs.h"
@@ -28,6 +31,10 @@
 #include "planner_resplit.h"
 
 namespace modse_planner {
+
+inline LayerPlan solve_layer(const double* sizes, const double* loads, const int* previous, int n,
+                             const Options& o, const std::string& where,
+                             const PairStructure* shared_pairs);
 
 namespace detail {
 
@@ -281,6 +288,89 @@ inline LayerPlan solve_copies(const std::vector<double>& s, const std::vector<do
   return p;
 }
 
+// Node-limited groups (planner_groups.h): groups to nodes, then every node's experts (and its
+// num_replicas / N copies) planned on its ranks by solve_layer and stitched together.  The bound
+// is the larger of the group bound and the planner's bound without groups.
+inline LayerPlan solve_groups(const double* sizes, const double* loads, int n, const Options& o,
+                              const std::string& where, const PairStructure* shared) {
+  const int R = o.num_ranks, g = o.ranks_per_node, N = R / g, G = o.num_groups;
+  const int per_group = n / G, X = o.num_replicas, k = (n + X) / R;
+  std::vector<double> s(sizes, sizes + n), t(loads, loads + n), w(n);
+  for (int e = 0; e < n; ++e) w[e] = t[e] * s[e];
+  const PairStructure pairs = pairs_if_paired(o, k, s, shared);
+  const std::vector<double> group_w = group_sums(w, per_group);
+  const std::vector<int> node_of_group =
+      pack_groups(group_w, N, o.exact_max_experts, o.exact_node_budget, 2 * G + 64);
+  Options sub = o;
+  sub.num_ranks = g;
+  sub.ranks_per_node = 0;
+  sub.num_groups = 0;
+  sub.num_replicas = X / N;
+  if (!pairs.found) sub.balance = Balance::kCompute;  // memory only reported, as without groups
+  LayerPlan p;
+  p.slot_expert.assign(static_cast<size_t>(n) + X, -1);
+  p.compute_per_rank.assign(R, 0.0);
+  p.memory_per_rank.assign(R, 0.0);
+  p.node_inflow.assign(N, 0.0);
+  p.paired = pairs.found;
+  std::vector<int> experts;
+  std::vector<double> ss, ts;
+  for (int q = 0; q < N; ++q) {
+    experts.clear();
+    ss.clear();
+    ts.clear();
+    for (int grp = 0; grp < G; ++grp)
+      if (node_of_group[grp] == q)
+        for (int e = grp * per_group; e < (grp + 1) * per_group; ++e) {
+          experts.push_back(e);
+          ss.push_back(s[e]);
+          ts.push_back(t[e]);
+          p.node_inflow[q] += t[e];
+        }
+    const LayerPlan sp =
+        solve_layer(ss.data(), ts.data(), nullptr, static_cast<int>(experts.size()), sub, where,
+                    nullptr);
+    const size_t first = static_cast<size_t>(q) * g * k;
+    for (size_t i = 0; i < sp.slot_expert.size(); ++i)
+      p.slot_expert[first + i] = experts[sp.slot_expert[i]];
+    for (int j = 0; j < g; ++j) {
+      p.compute_per_rank[q * g + j] = sp.compute_per_rank[j];
+      p.memory_per_rank[q * g + j] = sp.memory_per_rank[j];
+    }
+    // Groups hold whole pairs (validate_group_layer), so every node pairs up; a node of one
+    // size (middle-class experts only) keeps its pairs whatever it does.
+    assert(!pairs.found || sp.paired ||
+           *std::max_element(ss.begin(), ss.end()) == *std::min_element(ss.begin(), ss.end()));
+    p.method = q == 0 || sp.method == p.method ? sp.method : Method::kHeuristic;
+  }
+  p.max_compute = max_of(p.compute_per_rank);
+  p.rank_of_expert.assign(n, -1);
+  p.copies.assign(n, 0);
+  for (size_t slot = 0; slot < p.slot_expert.size(); ++slot) {
+    const int e = p.slot_expert[slot];
+    assert(e >= 0 && e < n);
+    if (p.copies[e]++ == 0) p.rank_of_expert[e] = static_cast<int>(slot) / k;
+  }
+  double lb = X > 0 ? replica_lower_bound(w, R, k, X, !o.stack_copies)
+                    : cardinality_lower_bound(w, R, k);
+  if (X == 0 && pairs.found) lb = std::max(lb, paired_lower_bound(w, pairs.cls, pairs.comp, R, k));
+  p.lower_bound = std::max(lb, group_lower_bound(group_w, N, g));
+  p.node_inflow_bound = cardinality_lower_bound(group_sums(t, per_group), N, G / N);
+  p.optimal = p.max_compute <= p.lower_bound + eps_of(p.lower_bound) + 1e-300;
+  return p;
+}
+
+// With groups on more than one node, in paired mode every group must hold whole complementary
+// pairs (validate_group_sizes).
+inline void validate_group_layer(const double* sizes, int n, const Options& o,
+                                 const std::string& where) {
+  const int g = o.ranks_per_node > 0 ? o.ranks_per_node : o.num_ranks;
+  if (o.num_groups == 0 || o.num_ranks / g == 1) return;
+  const int k = (n + o.num_replicas) / o.num_ranks;
+  const PairStructure ps = pairs_if_paired(o, k, std::vector<double>(sizes, sizes + n), nullptr);
+  validate_group_sizes(sizes, n, o, ps.found, ps.pair_sum, where);
+}
+
 // Paired mode adds copies two at a time, so an odd num_replicas would break equal memory
 // (asked with k = 2: would these sizes and options pair off at all?).
 inline void validate_replica_pairs(const double* sizes, int n, const Options& o,
@@ -300,6 +390,9 @@ inline LayerPlan solve_layer(const double* sizes, const double* loads, const int
   validate_options(n, o);
   validate_layer(sizes, loads, previous, n, o, where);
   detail::validate_replica_pairs(sizes, n, o, where);
+  detail::validate_group_layer(sizes, n, o, where);
+  if (o.num_groups > 0 && o.ranks_per_node > 0 && o.ranks_per_node < o.num_ranks)
+    return detail::solve_groups(sizes, loads, n, o, where, shared_pairs);
   std::vector<double> s(sizes, sizes + n), t(loads, loads + n), w(n);
   for (int e = 0; e < n; ++e) w[e] = t[e] * s[e];
   if (o.num_replicas > 0) return detail::solve_copies(s, t, w, o, where, shared_pairs);
@@ -350,8 +443,10 @@ inline std::vector<LayerPlan> solve_batch(const double* sizes, int size_rows, co
   auto prev = [&](int l) { return previous ? previous + static_cast<size_t>(l) * n : nullptr; };
   for (int l = 0; l < L; ++l) {
     validate_layer(row(l), loads + static_cast<size_t>(l) * n, prev(l), n, o, where(l));
-    if (size_rows > 1 || l == 0)  // a shared size row is one check, for all layers
+    if (size_rows > 1 || l == 0) {  // a shared size row is one check, for all layers
       detail::validate_replica_pairs(row(l), n, o, size_rows > 1 ? where(l) : std::string());
+      detail::validate_group_layer(row(l), n, o, size_rows > 1 ? where(l) : std::string());
+    }
   }
 
   const bool shared = size_rows == 1 && L > 1;

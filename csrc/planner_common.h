@@ -12,7 +12,8 @@
 //                                                    <- bounds, exact, heuristic, local_search
 //   planner_resplit.h       three-bin re-splits, the outlier start       <- local_search, pairs
 //   planner_replicas.h      redundant copies: counts, placement          <- heuristic, pairs
-//   planner_counts.h        copy counts chosen jointly with placement    <- replicas, resplit
+//   planner_counts.h        copy counts chosen jointly with placement    <- exact, replicas
+//   planner_groups.h        node-limited expert groups (DeepSeek)        <- bounds, exact, heuristic
 //   planner_hierarchy.h     node inflow balance                          <- bounds, heuristic
 //   planner_relabel.h       which physical rank each bin lands on (fewest bytes moved)
 // planner.h composes them per layer and per batch (worker threads); bindings.cpp exposes
@@ -91,6 +92,10 @@ struct Options {
   bool joint_counts = true;
   // Copies of one expert may share a rank (EPLB does this); false = on distinct ranks.
   bool stack_copies = false;
+  // Node-limited placement (planner_groups.h, DeepSeek EPLB's group-limited hierarchy): experts
+  // form num_groups groups of consecutive ids, each kept within one node with all its copies;
+  // 0 = off.
+  int num_groups = 0;
 };
 
 struct LayerPlan {
@@ -113,6 +118,29 @@ inline std::string num_str(double x) {
   std::ostringstream os;
   os << x;
   return os.str();
+}
+
+// Node-limited groups (o.num_groups > 0): num_groups groups of n / num_groups consecutive
+// experts, num_groups / N of them per node (N = num_ranks / ranks_per_node), and each node
+// holding num_replicas / N copies of its own experts (a whole number: N divides n, since it
+// divides num_groups, and n + num_replicas, since it divides num_ranks).
+inline void validate_groups(int n, const Options& o) {
+  const int G = o.num_groups;
+  if (G == 0) return;
+  if (G < 0) fail("num_groups=" + std::to_string(G) + " must be an integer >= 0 (0 = off)");
+  if (n % G != 0)
+    fail("num_groups=" + std::to_string(G) + " does not divide num_experts=" + std::to_string(n) +
+         ": groups are num_experts / num_groups consecutive experts, so choose a divisor");
+  const int g = o.ranks_per_node > 0 ? o.ranks_per_node : o.num_ranks;
+  const int N = o.num_ranks / g;
+  if (G % N != 0)
+    fail("num_groups=" + std::to_string(G) + " is not a multiple of the " + std::to_string(N) +
+         " nodes (num_ranks / ranks_per_node): every node must hold as many whole groups");
+  const int64_t most = static_cast<int64_t>(n) * (g - 1);
+  if (!o.stack_copies && o.num_replicas > most)
+    fail("num_replicas=" + std::to_string(o.num_replicas) + " exceeds num_experts * "
+         "(ranks_per_node - 1)=" + std::to_string(most) + ": with num_groups an expert's copies "
+         "stay in its node, one per rank, so use fewer num_replicas or stack_copies");
 }
 
 // Validation mirrors the Python wrapper so the core is safe on its own: every message is one
@@ -144,6 +172,7 @@ inline void validate_options(int n, const Options& o) {
   if (o.ranks_per_node < 0 || (o.ranks_per_node > 0 && o.num_ranks % o.ranks_per_node != 0))
     fail("ranks_per_node=" + std::to_string(o.ranks_per_node) + " does not divide num_ranks=" +
          std::to_string(o.num_ranks) + ": use a divisor of num_ranks (GPUs per node)");
+  validate_groups(n, o);
   if (!(o.bytes_per_param > 0.0) || !std::isfinite(o.bytes_per_param))
     fail("bytes_per_param=" + num_str(o.bytes_per_param) + " must be a positive finite number");
   if (!(o.move_slack >= 0.0) || !std::isfinite(o.move_slack))
@@ -179,6 +208,9 @@ inline void validate_layer(const double* sizes, const double* loads, const int* 
                            const Options& o, const std::string& where) {
   if (previous && o.num_replicas > 0)
     fail("previous cannot be combined with num_replicas > 0 yet: plan replicas without previous");
+  if (previous && o.num_groups > 0 && o.ranks_per_node > 0 && o.ranks_per_node < o.num_ranks)
+    fail("previous cannot be combined with num_groups on several nodes yet: plan node-limited "
+         "groups without previous");
   for (int e = 0; e < n; ++e) {
     if (!std::isfinite(sizes[e]) || sizes[e] <= 0.0)
       fail(where + "sizes[" + std::to_string(e) + "]=" + num_str(sizes[e]) +

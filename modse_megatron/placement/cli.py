@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --replicas: copies of one expert may share a rank (EPLB's behaviour); "
         "default: every copy on a distinct rank",
     )
+    p.add_argument(
+        "--groups", type=int, default=DEFAULTS.num_groups, metavar="G",
+        help="node-limited placement (DeepSeek EPLB): G groups of consecutive experts, each with "
+        "all its copies on one node of --ranks-per-node ranks (default 0: off)",
+    )
     p.add_argument("--previous", metavar="r,r,...",
                    help="current rank of every expert (plans that move less win ties)")
     p.add_argument("--balance", choices=BALANCE_MODES, default=DEFAULTS.balance,
@@ -184,7 +189,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[float], BatchPlacementPlan]:
     previous = None if args.previous is None else _ints(args.previous, "--previous")
     options = PlanOptions(balance=args.balance, bytes_per_param=args.bytes_per_param,
                           move_slack=args.move_slack, num_replicas=args.replicas,
-                          joint_counts=args.joint_counts, stack_copies=args.stack_copies)
+                          joint_counts=args.joint_counts, stack_copies=args.stack_copies,
+                          num_groups=args.groups)
     batch = plan_placement_batch(sizes, loads, args.ranks, args.ranks_per_node, previous,
                                  options=options)
     return sizes, batch

@@ -58,6 +58,13 @@ class PlanOptions:
     """With replicas: copies of one expert may share a rank (EPLB's behaviour: such a rank holds
     the expert's memory twice and splits nothing), so ``num_replicas`` may exceed
     ``n * (num_ranks - 1)``.  ``False``: every copy of an expert on a distinct rank."""
+    num_groups: int = 0
+    """Node-limited placement (DeepSeek EPLB's group-limited hierarchy): the experts form
+    ``num_groups`` groups of consecutive ids, and every group, with all its copies, stays on one
+    node (``ranks_per_node`` ranks); groups go to nodes first (heaviest node as light as
+    possible), then each node is planned on its own.  A multiple of the node count dividing the
+    expert count; in paired mode every group must hold whole complementary pairs; not with
+    ``previous``.  0 = off."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -76,6 +83,7 @@ class PlanOptions:
         self._set_int("exact_node_budget", _INT64_MAX)
         self._set_int("num_threads", _INT32_MAX, "0 = automatic")
         self._set_int("num_replicas", _INT32_MAX)
+        self._set_int("num_groups", _INT32_MAX, "0 = off")
         for name in ("joint_counts", "stack_copies"):
             value = getattr(self, name)
             if not isinstance(value, bool):

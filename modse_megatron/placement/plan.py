@@ -45,6 +45,10 @@ replicas yet.
 
 Hierarchy trade-off: DeepSeek's EPLB packs experts to nodes first, then to GPUs, so per-GPU
 balance pays for node balance; here max compute per rank is never raised for node balance.
+With ``num_groups`` (EPLB's group-limited placement) every group of consecutive experts stays
+on one node with all its copies: groups go to nodes first (by compute), then each node is planned
+on its own; ``lower_bound`` is then the larger of the bound without groups and the group bound
+(the heaviest node's compute over its ranks), so the gap includes what the groups cost.
 Previous placements: the planner also descends from ``previous`` and relabels ranks (a
 maximum-weight assignment of new rank contents to old ranks, per node first), so re-planning
 with unchanged loads moves nothing.
@@ -366,8 +370,8 @@ def plan_placement_batch(
             placement; the new plan moves the fewest bytes among equally good plans.
         options: a ``PlanOptions`` (default ``PlanOptions()``): ``balance``,
             ``bytes_per_param``, ``move_slack``, ``exact_max_experts``, ``exact_node_budget``,
-            ``num_threads``, ``num_replicas``, ``joint_counts``, ``stack_copies``; their meaning
-            and defaults are documented there.
+            ``num_threads``, ``num_replicas``, ``joint_counts``, ``stack_copies``,
+            ``num_groups``; their meaning and defaults are documented there.
         **overrides: any ``PlanOptions`` field as a keyword (e.g. ``balance="compute"``),
             replacing that field of ``options``.
     """
@@ -400,7 +404,7 @@ def plan_placement_batch(
         R, 0 if ranks_per_node is None else g, BALANCE_MODES.index(opts.balance),
         float(opts.bytes_per_param), float(opts.move_slack), opts.exact_max_experts,
         opts.exact_node_budget, opts.num_threads, opts.num_replicas, opts.joint_counts,
-        opts.stack_copies,
+        opts.stack_copies, opts.num_groups,
     )
     lb, mx = out["lower_bound"], out["max_compute"]
     gap = np.zeros_like(lb)

@@ -93,7 +93,8 @@ def test_flag_defaults_are_the_api_defaults():
     defaults = PlanOptions()
     assert (args.balance, args.bytes_per_param, args.move_slack, args.replicas) == (
         defaults.balance, defaults.bytes_per_param, defaults.move_slack, defaults.num_replicas)
-    assert (args.joint_counts, args.stack_copies) == (defaults.joint_counts, defaults.stack_copies)
+    assert (args.joint_counts, args.stack_copies, args.groups) == (
+        defaults.joint_counts, defaults.stack_copies, defaults.num_groups)
 
 
 def test_missing_planner_is_one_line(capsys, monkeypatch):
@@ -135,10 +136,23 @@ def test_joint_counts_and_stacking_flags(capsys):
     assert code == 0 and plan["max_compute"] == 39.0 and max(plan["copies_per_expert"]) > 2
 
 
+def test_groups_flag(capsys):
+    code, out, _ = run(capsys, *MODSE, "--repeat", "4", "--loads", ",".join(["9"] * 8 + ["1"] * 24),
+                       "--ranks", "8", "--ranks-per-node", "2", "--groups", "4", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["memory_balanced"]
+    nodes: dict[int, set[int]] = {}
+    for e, ranks in enumerate(plan["ranks_of_expert"]):
+        nodes.setdefault(e // 8, set()).update(r // 2 for r in ranks)
+    assert sorted(nodes) == [0, 1, 2, 3] and all(len(v) == 1 for v in nodes.values())
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--widths", "1,1", "--ranks", "2", "--replicas", "4"], "or stack_copies"),
+        (["--widths", "1,1,1,1", "--ranks", "4", "--ranks-per-node", "2", "--groups", "3"],
+         "num_groups=3 does not divide"),
         (["--widths", "1,2,3", "--ranks", "2", "--replicas", "2"], "5 slots is not divisible"),
         (["--widths", "9,1,8,2", "--ranks", "5", "--replicas", "1"], "num_replicas=1 is odd"),
         (["--widths", "1,2", "--ranks", "2", "--replicas", "-2"], "num_replicas=-2"),

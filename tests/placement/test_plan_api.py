@@ -166,7 +166,7 @@ def test_plan_options_and_keywords_are_one_set():
     fields = {f.name for f in dataclasses.fields(PlanOptions)}
     assert fields == {"balance", "bytes_per_param", "move_slack", "exact_max_experts",
                       "exact_node_budget", "num_threads", "num_replicas", "joint_counts",
-                      "stack_copies"}
+                      "stack_copies", "num_groups"}
     with pytest.raises(TypeError, match="unexpected keyword argument 'slack'"):
         plan_placement(sizes, loads, 4, slack=0.1)
 
