@@ -88,18 +88,9 @@ def _port() -> int:
 
 def make_corpus(root: Path) -> dict[str, str]:
     """A small real corpus (stdlib sources, BPE 512), as the tests' ``data`` fixture makes it."""
-    import sysconfig
+    from modse_megatron.testing.corpus import small_stdlib_corpus
 
-    from modse_megatron.training.preprocess import preprocess
-
-    root.mkdir(parents=True)
-    src = Path(sysconfig.get_paths()["stdlib"])
-    docs = root / "docs.jsonl"
-    with docs.open("w") as f:
-        for path in sorted(src.glob("*.py"))[:60]:
-            f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
-    preprocess([str(docs)], str(root / "corpus"), train_tokenizer=True, vocab_size=512, progress=False)
-    return {"prefix": str(root / "corpus"), "tokenizer": str(root / "corpus.tokenizer.json"), "cache": str(root / "cache")}
+    return small_stdlib_corpus(root)
 
 
 # ---------------------------------------------------------------------------- processes

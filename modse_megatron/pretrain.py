@@ -183,7 +183,8 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
     # (--load = --save without a checkpoint yet: a first start or an elastic restart before the first save)
     is_logger = dist.get_rank() == 0
     metrics = MetricsWriter(args.run.log_dir, is_logger, args.optim.train_iters, state.iteration,
-                            progress=args.run.progress, tensorboard=args.run.tensorboard)
+                            progress=args.run.progress, tensorboard=args.run.tensorboard,
+                            plot=args.run.loss_plot)
     trainer = Trainer(args, layout, config, ddp, optimizer, scheduler, datasets, metrics, state,
                       heartbeat=lock.heartbeat if lock else None, watch=_WATCH)
     if args.run.moe_replan_interval:

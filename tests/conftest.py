@@ -48,6 +48,15 @@ def one_rank(_one_rank_world):
 
 
 @pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """A small real corpus (60 stdlib sources) tokenized with a freshly trained BPE (512), built
+    once per session for every test that launches ``modse-pretrain``."""
+    from modse_megatron.testing.corpus import small_stdlib_corpus
+
+    return small_stdlib_corpus(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
 def dist2():
     """Two gloo ranks; ``dist2.run(fn, tp=.., ep=..)`` runs ``fn`` on both."""
     return _pool(2)

@@ -136,6 +136,7 @@ class RunArgs:
     log_interval: int = _opt(1, "Write metrics every n steps.", megatron='100')
     tensorboard: bool = _opt(False, "Also write TensorBoard events (needs the tensorboard package).")
     progress: bool = _opt(True, "Show a progress bar on rank 0.")
+    loss_plot: bool = _opt(True, "Draw loss.png in --log-dir at the end (about a second of matplotlib).")
     moe_replan_interval: int = _opt(0, "Re-plan the expert placement from the observed loads every n steps and "
                                        "migrate experts live when it pays (0 = off).")
     moe_replan_min_gain: float = _opt(0.03, "Migrate only when the predicted max-rank compute improves by more "

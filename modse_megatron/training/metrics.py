@@ -23,8 +23,9 @@ class MetricsWriter:
     """Writes metrics on the logging rank; every method is a no-op elsewhere."""
 
     def __init__(self, log_dir: str, enabled: bool, total_iters: int, start_iter: int,
-                 progress: bool = True, tensorboard: bool = False):
+                 progress: bool = True, tensorboard: bool = False, plot: bool = True):
         self.enabled = enabled
+        self.plot = plot
         self.dir = Path(log_dir)
         self._bar = None
         self._tb = None
@@ -89,7 +90,7 @@ class MetricsWriter:
             print(text, flush=True)
 
     def close(self) -> Path | None:
-        """Finish the files and draw the loss curve; returns the plot path."""
+        """Finish the files and draw the loss curve (unless ``plot`` is off); returns the plot path."""
         if not self.enabled:
             return None
         if self._bar is not None:
@@ -97,7 +98,7 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
         self._file.close()
-        return plot_losses(self.dir / "metrics.jsonl", self.dir / "loss.png")
+        return plot_losses(self.dir / "metrics.jsonl", self.dir / "loss.png") if self.plot else None
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:

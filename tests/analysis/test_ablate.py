@@ -9,7 +9,7 @@ import pytest
 
 from modse_megatron.analysis.ablate import mean_ci95, paired, param_counts, summarize, t_quantile
 from modse_megatron.analysis.stats import t_two_sided_p
-from tests.training.test_pretrain import ROOT, TINY, data  # noqa: F401
+from tests.training.test_pretrain import ROOT, TINY
 
 
 def test_t_distribution_matches_tables():
@@ -63,9 +63,8 @@ def test_grid_runs_resumes_and_summarises(data, tmp_path):
             base[key] = flags[i + 1] if key != "data_path" else [flags[i + 1]]
             i += 2
         else:
-            base[key] = not key.startswith("no_")
+            base[key.removeprefix("no_")] = not key.startswith("no_")
             i += 1
-    base.pop("no_progress", None)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "num_experts", "moe_ffn_hidden_size",
                 "micro_batch_size", "global_batch_size", "lr_warmup_iters", "eval_interval", "eval_iters"):
         base[key] = int(base[key])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.training.test_pretrain import TINY, data, ok, torchrun  # noqa: F401
+from tests.training.test_pretrain import TINY, ok, torchrun
 
 pytestmark = pytest.mark.slow
 
