@@ -350,14 +350,12 @@ inline CountProof exact_counts(const std::vector<double>& w, const std::vector<d
   if (!all) vectors.assign(1, best_counts);
   if (solved) vectors.erase(std::remove(vectors.begin(), vectors.end(), *solved), vectors.end());
   std::vector<double> bound(vectors.size());
-  std::vector<Copies> copies(vectors.size());
   const std::vector<double> zero(n, 0.0);
   double total = 0.0;
   for (double x : w) total += x;
-  for (size_t i = 0; i < vectors.size(); ++i) {
-    copies[i] = expand_copies(vectors[i], s, zero, w);
-    bound[i] = std::max(total / R, cardinality_lower_bound(copies[i].w, R, k));
-  }
+  for (size_t i = 0; i < vectors.size(); ++i)  // copies expanded again below, not kept: memory
+    bound[i] = std::max(total / R,
+                        cardinality_lower_bound(expand_copies(vectors[i], s, zero, w).w, R, k));
   std::vector<int> order(vectors.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return bound[x] < bound[y]; });
@@ -365,7 +363,7 @@ inline CountProof exact_counts(const std::vector<double>& w, const std::vector<d
   for (int i : order) {
     if (bound[i] >= best_value - eps_of(best_value)) return proof;  // sorted: none can beat it
     if (budget <= 0) return CountProof::kNone;
-    const Copies& c = copies[i];
+    const Copies c = expand_copies(vectors[i], s, zero, w);
     BranchAndBound bnb(c.w, ps ? &c.s : nullptr, ps ? ps->pair_sum : 0.0, R, k, budget,
                        distinct ? &c.expert_of : nullptr);
     std::vector<int> bins(c.w.size(), 0);

@@ -47,8 +47,8 @@ class PlanOptions:
     """Worker threads over layers; 0 = automatic (one thread for small batches)."""
     num_replicas: int = 0
     """Extra physical slots holding copies of busy experts (EPLB's redundant experts):
-    ``n + num_replicas`` must be a multiple of ``num_ranks``, at most ``n * (num_ranks - 1)``,
-    even in paired mode; not with ``previous``."""
+    ``n + num_replicas`` must be a multiple of ``num_ranks``, at most ``n * (num_ranks - 1)``
+    (unless ``stack_copies``), even in paired mode; not with ``previous``."""
     joint_counts: bool = True
     """With replicas: choose how many copies each expert gets together with the placement
     (count moves in the local search, and an exact search over every choice of counts on small
