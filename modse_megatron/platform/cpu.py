@@ -23,16 +23,22 @@ each assumption at the narrowest seam that covers it:
    only when they are CUDA tensors, ``moe_utils.maybe_move_tensor_to_cpu``).
 5. ``torch.distributed.all_gather`` of unequal sizes (alltoall dispatcher with EP x expert-TP):
    gloo refuses it, NCCL accepts it; padded to equal sizes and trimmed.
+   4 and 5 apply only to calls made from megatron-core's own code (the caller's module, one
+   frame up): anyone else's call behaves, and fails, exactly as torch's.
+6. Threads: torch function modes are thread-local, so the threads megatron-core starts enter the
+   mode at megatron's own creation points (``_enter_mode_in_megatron_threads``); other threads
+   in the process are left alone.
 
-Everything here is installed by :func:`install` only when CUDA is unavailable; on a GPU
-machine none of it runs. Threads do not inherit torch function modes, so threads that run
-megatron code (e.g. checkpoint writers) enter the mode themselves via ``threading.Thread.run``.
+Everything here is installed by :func:`install`, which :func:`modse_megatron.platform.activate`
+calls only where the CPU layer is wanted (no CUDA, ``MODSE_CPU_LAYER=1``, or ``--device cpu``
+on a CUDA machine); with ``MODSE_CPU_LAYER=0`` or on a GPU run none of it runs.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
-import threading
+import sys
 import time
 from typing import Any, Callable
 
@@ -262,6 +268,12 @@ def _patch_torch_cuda() -> None:
     nvtx.range = _fresh(lambda *a, **k: contextlib.nullcontext())
 
 
+def _called_from_megatron() -> bool:
+    """Whether the caller of the function calling this one is megatron-core code (one frame
+    lookup, ~0.1 µs): the collective patches below answer megatron's call sites, not anyone's."""
+    return sys._getframe(2).f_globals.get("__name__", "").startswith("megatron.core")
+
+
 def _patch_all_to_all() -> None:
     """gloo's all_to_all_single wants ``list[int]`` split sizes; megatron's alltoall dispatcher
     passes the splits as CPU tensors or numpy arrays (token_dispatcher.py:695/778,
@@ -270,6 +282,8 @@ def _patch_all_to_all() -> None:
 
     @functools.wraps(original)
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if not _called_from_megatron():
+            return original(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
         if output_split_sizes is not None and not isinstance(output_split_sizes, list):
             output_split_sizes = [int(s) for s in output_split_sizes]
         if input_split_sizes is not None and not isinstance(input_split_sizes, list):
@@ -293,13 +307,15 @@ def _patch_all_gather() -> None:
     """gloo's all_gather needs equal tensor sizes; megatron's alltoall dispatcher with EP and
     expert-TP gathers unequal token counts (``gather_from_sequence_parallel_region(...,
     output_split_sizes=...)``, mappings.py:149 via token_dispatcher.py), which NCCL accepts.
-    Pad every piece to the largest first dimension, gather, then copy the real rows out."""
+    Pad every piece to the largest first dimension, gather, then copy the real rows out; only
+    for megatron's calls (a user's unequal gather fails as torch's does)."""
     original = dist.all_gather
 
     @functools.wraps(original)
     def all_gather(tensor_list, tensor, group=None, async_op=False):
         shapes = {tuple(t.shape) for t in tensor_list} | {tuple(tensor.shape)}
-        if len(shapes) == 1 or tensor.dim() == 0 or dist.get_backend(group) != "gloo":
+        if (len(shapes) == 1 or tensor.dim() == 0 or not _called_from_megatron()
+                or dist.get_backend(group) != "gloo"):
             return original(tensor_list, tensor, group=group, async_op=async_op)
         rows = max(t.shape[0] for t in tensor_list)
         padded_in = tensor.new_zeros((rows, *tensor.shape[1:]))
@@ -337,18 +353,82 @@ def _patch_megatron() -> None:
 _MODE = _CpuDeviceMode()
 _installed = False
 _suspended = False
+_hid_cuda = False
 
 
-def _enter_mode_in_threads() -> None:
-    """Torch function modes are thread-local; megatron runs code in worker threads
-    (dist_checkpointing writers, async collectives), so every new thread enters the mode."""
-    original_run = threading.Thread.run
+def _in_mode(fn: Callable) -> Callable:
+    """``fn`` run inside the device mode unless a torch function mode is already active."""
 
-    def run(self: threading.Thread) -> None:
+    @functools.wraps(fn)
+    def run_in_cpu_mode(*args: Any, **kwargs: Any) -> Any:
+        if torch._C._len_torch_function_stack():
+            return fn(*args, **kwargs)
         with _CpuDeviceMode():
-            original_run(self)
+            return fn(*args, **kwargs)
 
-    threading.Thread.run = run
+    return run_in_cpu_mode
+
+
+class _ModeThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A ThreadPoolExecutor whose tasks run in the device mode (megatron's executors only)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_in_mode(fn), *args, **kwargs)
+
+
+class _ModuleView:
+    """A module as one megatron module sees it: the same attributes but a few replaced, so a
+    module-level name megatron looks up (``concurrent.futures.ThreadPoolExecutor``) changes for
+    megatron alone."""
+
+    def __init__(self, module: Any, **replaced: Any):
+        self._module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _mode_executors_for(module: Any) -> None:
+    # `import concurrent.futures` binds `concurrent` in the module; megatron calls
+    # `concurrent.futures.ThreadPoolExecutor(...)` through it.
+    module.concurrent = _ModuleView(
+        concurrent, futures=_ModuleView(concurrent.futures, ThreadPoolExecutor=_ModeThreadPoolExecutor)
+    )
+
+
+def _mode_in_straggler_controller(module: Any) -> None:
+    cls = module.StragglerDetector
+    cls._handler = _in_mode(cls._handler)
+
+
+def _mode_in_dataset_builder(module: Any) -> None:
+    module.ThreadPoolExecutor = _ModeThreadPoolExecutor
+
+
+# Every place megatron-core 0.16.1 starts a thread (grep 'Thread(\|ThreadPoolExecutor' in
+# megatron/core); re-check on upgrade. Its checkpoint writers are processes, not threads (a
+# forked one inherits the forking thread's mode).
+_MEGATRON_THREADS: dict[str, Callable[[Any], None]] = {
+    # utils.py:1754 StragglerDetector's controller: threading.Thread(target=self._handler)
+    "megatron.core.utils": _mode_in_straggler_controller,
+    # datasets/blended_megatron_dataset_builder.py:357 ThreadPoolExecutor building datasets
+    "megatron.core.datasets.blended_megatron_dataset_builder": _mode_in_dataset_builder,
+    # inference/engines/dynamic_engine.py:1433 runs the engine's coroutine in a worker thread
+    "megatron.core.inference.engines.dynamic_engine": _mode_executors_for,
+    # inference/text_generation_controllers/text_generation_controller.py:1091 token streaming
+    "megatron.core.inference.text_generation_controllers.text_generation_controller": _mode_executors_for,
+}
+
+
+def _enter_mode_in_megatron_threads() -> None:
+    """Torch function modes are thread-local: the threads megatron-core starts enter the mode at
+    megatron's own creation points (now, or when megatron imports the module lazily). Threads
+    anyone else starts run as torch has them."""
+    from . import after_import
+
+    for name, patch in _MEGATRON_THREADS.items():
+        after_import(name, patch)
 
 
 def _enter_mode_in_backward() -> None:
@@ -368,19 +448,40 @@ def _enter_mode_in_backward() -> None:
     BackwardCFunction.apply = apply
 
 
+def _hide_cuda() -> None:
+    """With the layer forced on a machine that has CUDA (``MODSE_CPU_LAYER=1``, ``--device
+    cpu``), report no CUDA, as on a CPU-only machine: megatron and torch then take their CPU
+    paths, and nothing allocates on a GPU behind the mode's back."""
+    global _hid_cuda
+    if torch.cuda.is_available():
+        torch.cuda.is_available = _fresh(lambda: False)
+        torch.cuda.device_count = _fresh(lambda: 0)
+        _hid_cuda = True
+
+
 def install() -> None:
-    """Install every CPU patch once. Idempotent; a no-op when CUDA is available."""
+    """Install every CPU patch once (the caller decides whether the layer is wanted).
+    Idempotent."""
     global _installed
-    if _installed or torch.cuda.is_available():
+    if _installed:
         return
+    from .messages import hide_missing_gpu_library_warnings
+
+    hide_missing_gpu_library_warnings()
+    _hide_cuda()
     _patch_torch_cuda()
     _patch_all_to_all()
     _patch_all_gather()
     _patch_megatron()
-    _enter_mode_in_threads()
+    _enter_mode_in_megatron_threads()
     _enter_mode_in_backward()
     _MODE.__enter__()
     _installed = True
+
+
+def hides_cuda() -> bool:
+    """Whether the layer was forced on a machine that has CUDA (which it now reports absent)."""
+    return _hid_cuda
 
 
 def installed() -> bool:

@@ -225,15 +225,27 @@ def test_dist_checkpointing_tp2_save_tp1_load(dist2, tmp_path):
 
 # ---------------------------------------------------------------- gloo all_gather of unequal sizes
 def _unequal_all_gather():
-    rank = dist.get_rank()
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    rank, world = dist.get_rank(), dist.get_world_size()
     mine = torch.full((rank + 1, 3), float(rank + 1))  # rank 0: 1 row, rank 1: 2 rows
-    out = [torch.empty(r + 1, 3) for r in range(dist.get_world_size())]
-    dist.all_gather(out, mine)
-    return [t.clone() for t in out]
+    # megatron's call (mappings.py:150, the alltoall dispatcher with EP x expert-TP)
+    gathered = gather_from_sequence_parallel_region(
+        mine, tensor_parallel_output_grad=False, group=dist.group.WORLD,
+        output_split_sizes=[r + 1 for r in range(world)],
+    )
+    # the same gather from anyone else's code: torch's own behaviour (gloo refuses it)
+    try:
+        dist.all_gather([torch.empty(r + 1, 3) for r in range(world)], mine)
+        user_error = None
+    except RuntimeError as err:
+        user_error = str(err)
+    return gathered.clone(), user_error
 
 
 def test_all_gather_of_unequal_sizes(dist2):
-    """megatron's alltoall dispatcher with EP x expert-TP gathers unequal token counts."""
-    for result in dist2.run(_unequal_all_gather):
-        assert torch.equal(result[0], torch.full((1, 3), 1.0))
-        assert torch.equal(result[1], torch.full((2, 3), 2.0))
+    """megatron's alltoall dispatcher with EP x expert-TP gathers unequal token counts (NCCL
+    accepts them, gloo does not): its calls are emulated, a user's fail as torch's do."""
+    for rank, (gathered, user_error) in enumerate(dist2.run(_unequal_all_gather)):
+        assert torch.equal(gathered, torch.tensor([[1.0] * 3, [2.0] * 3, [2.0] * 3]))
+        assert user_error is not None and "ProcessGroupGloo::allgather: invalid tensor size" in user_error, rank
