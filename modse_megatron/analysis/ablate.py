@@ -87,7 +87,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
     base_path = (path.parent / data["base"]).resolve()
     if not base_path.is_file():
         raise GridError(f"base config {base_path} (from {path}) does not exist")
-    base = yaml.safe_load(base_path.read_text()) or {}
+    from modse_megatron.training.arguments import ConfigError, load_config_file
+
+    try:
+        base = load_config_file(str(base_path))
+    except ConfigError as err:
+        raise GridError(f"base of {path}: {err}") from None
     seeds = data.get("seeds") or [1234]
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise GridError(f"grid file {path}: 'seeds' must be a list of distinct integers")

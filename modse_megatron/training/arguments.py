@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
+def load_config_file(path: str) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
@@ -318,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> PretrainArgs:
     cli = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     if "config" in cli:
-        for key, value in _load_yaml(cli.pop("config")).items():
+        for key, value in load_config_file(cli.pop("config")).items():
             name = str(key).replace("-", "_")
             if name not in fields:
                 close = difflib.get_close_matches(name, fields, n=1)

@@ -98,6 +98,7 @@ def test_grid_runs_resumes_and_summarises(data, tmp_path):
     ({"seeds": [1]}, "needs 'base'"),
     ({"base": "../configs/tiny_cpu.yaml", "runs": {"x": {"num_layer": 2}}}, "unknown option 'num_layer'"),
     ({"base": "../configs/tiny_cpu.yaml", "runs": {}}, "needs 'runs'"),
+    ({"base": "../configs/broken.yaml", "runs": {"a": {}}}, "is not valid YAML: fix the syntax"),
     ({"base": "../configs/tiny_cpu.yaml", "runs": {"a": {}}, "seeds": [1, 1]}, "distinct integers"),
 ])
 def test_bad_grids_are_one_line(tmp_path, grid, message):
@@ -106,6 +107,7 @@ def test_bad_grids_are_one_line(tmp_path, grid, message):
     (tmp_path / "ablations").mkdir()
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny_cpu.yaml").write_text((ROOT / "examples/configs/tiny_cpu.yaml").read_text())
+    (tmp_path / "configs" / "broken.yaml").write_text("num_layers: [2\n")
     path = tmp_path / "ablations" / "g.yaml"
     path.write_text(yaml.safe_dump(grid))
     proc = _ablate(path, "--out", tmp_path / "out")
