@@ -204,12 +204,17 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
             and not checkpointing.is_weights_only(args.run.load):
         trainer.last_checkpoint = str(checkpointing.iteration_dir(args.run.load, state.iteration))
 
+    def die_during_save() -> None:  # --debug-die-during-save: a rank killed mid-save, for the tests
+        if args.run.debug_die_during_save == trainer.state.iteration and dist.get_rank() == dist.get_world_size() - 1:
+            os._exit(9)
+
     def save(t: Trainer) -> None:
         nonlocal saved, saved_iteration
         t.check_finite_parameters()  # never write a checkpoint of NaN/Inf weights
         _WATCH.where = f"the save of iteration {t.state.iteration}"
         saved = checkpointing.save_checkpoint(args.run.save, t.state.iteration, t.ddp, t.optimizer, t.scheduler,
-                                              _save_meta(args, t, tokenizer))
+                                              _save_meta(args, t, tokenizer),
+                                              after_write=die_during_save if args.run.debug_die_during_save is not None else None)
         saved_iteration = t.state.iteration
         t.last_checkpoint = str(saved)
         metrics.message(f"saved checkpoint {saved}")

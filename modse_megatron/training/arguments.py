@@ -151,6 +151,9 @@ class RunArgs:
                                            "counts as stale and is taken over.")
     debug_nonfinite_at: list[int] | None = _opt(None, "Testing aid: make the loss of these iterations NaN "
                                                       "(exercises the non-finite handling end to end).")
+    debug_die_during_save: int | None = _opt(None, "Testing aid: the last rank exits (code 9) in the middle of the "
+                                                   "save of this iteration, after writing its part, as a rank killed "
+                                                   "mid-save would.")
 
 
 SECTIONS: tuple[type, ...] = (ModelArgs, ParallelArgs, OptimArgs, DataArgs, RunArgs, MoDSEConfig)

@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -125,7 +125,8 @@ def _state_dict(ddp, optimizer, scheduler, is_loading: bool, with_rng: bool, met
     return state
 
 
-def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: dict[str, Any]) -> Path:
+def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: dict[str, Any],
+                    after_write: Callable[[], None] | None = None) -> Path:
     """Save everything needed to resume at ``iteration``; returns the checkpoint directory.
 
     Written into ``iter_N.tmp`` with an integrity manifest, then renamed; a failure (disk full,
@@ -147,6 +148,8 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
     failure = None
     try:
         dist_checkpointing.save(_state_dict(ddp, optimizer, scheduler, False, True, meta), str(tmp))
+        if after_write is not None:
+            after_write()
         dist.barrier()
         _write_manifest(tmp)
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
@@ -154,7 +157,12 @@ def save_checkpoint(root: str, iteration: int, ddp, optimizer, scheduler, meta: 
     # Every rank learns what failed where, so all of them stop (or go on) together with the
     # same line: the most specific description (an OS error) any rank saw.
     reports: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, None if failure is None else _describe(failure))
+    try:
+        dist.all_gather_object(reports, None if failure is None else _describe(failure))
+    except BaseException:  # a rank is gone (killed mid-save): the caller names it; drop the partial files
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if any(reports):
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

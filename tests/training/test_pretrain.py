@@ -139,10 +139,11 @@ def test_resume_reproduces_uninterrupted_run(data, base_run, tmp_path):
     assert all(resumed[i] == full[i] for i in resumed), (resumed, full)  # bit-exact
 
 
-def _two_node_attempt(data, args, out_dir, timeout=300):
+def _two_node_attempt(data, args, out_dir, timeout=300, stop_on_failure=True):
     """Both torchrun agents on one port; (returncodes, [(stdout, stderr)]) once both exit.
 
-    A failed agent stops the other (it would wait for its peer until torchrun's timeout)."""
+    A failed agent stops the other (it would wait for its peer until torchrun's timeout) unless
+    ``stop_on_failure`` is false (the survivor's own handling is what is tested)."""
     port = free_port()
     procs, logs = [], []
     for rank in range(2):
@@ -155,7 +156,7 @@ def _two_node_attempt(data, args, out_dir, timeout=300):
     deadline = time.monotonic() + timeout
     try:
         while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
-               and not any(p.returncode not in (None, 0) for p in procs)):
+               and not (stop_on_failure and any(p.returncode not in (None, 0) for p in procs))):
             time.sleep(0.2)
     finally:
         for p in procs:

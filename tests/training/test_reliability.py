@@ -209,6 +209,30 @@ def test_hang_is_named_within_timeout(data, tmp_path):
     assert lines and all("rank 1 stopped responding during iteration" in line for line in lines), err_path.read_text()[-3000:]
 
 
+def test_rank_killed_during_a_save_is_named(data, tmp_path):
+    """Two torchrun agents (two "nodes", one rank each): rank 1 dies in the middle of the save of
+    iteration 2. Its agent ends; the other node's rank names it within the timeout + 60 s instead
+    of waiting, removes the partial checkpoint and leaves iteration 1 intact."""
+    from modse_megatron.training.checkpointing import verify_checkpoint
+    from tests.training.test_pretrain import _two_node_attempt
+
+    save = tmp_path / "save"
+    args = [*EP2, "--train-iters", "4", "--save-interval", "1", "--save", str(save), "--distributed-timeout-minutes",
+            "0.1", "--debug-die-during-save", "2"]  # the last rank (1) exits inside the save of iteration 2
+    start = time.monotonic()
+    codes, outs = _two_node_attempt(data, args, tmp_path, timeout=240, stop_on_failure=False)
+    elapsed = time.monotonic() - start
+    (_, err0), (_, err1) = outs
+    lines = [line for line in err0.splitlines() if "modse-pretrain: error:" in line]
+    assert codes[0] != 0 and codes[1] != 0, (codes, err0[-3000:], err1[-3000:])
+    assert len(lines) == 1 and "rank 1 stopped responding during the save of iteration 2" in lines[0], err0[-3000:]
+    assert elapsed < 6 + 60 + 60, elapsed  # the timeout + 60 s, plus start-up
+    # no partial iter_0000002(.tmp), and the lock was released
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"], list(save.iterdir())
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"
+    verify_checkpoint(save / "iter_0000001")  # the last complete checkpoint is intact
+
+
 def test_elastic_restart_reproduces_uninterrupted_run(data, tmp_path):
     """torchrun --max-restarts 1, --load = --save: a worker is SIGKILLed after the first save;
     the job restarts from the last checkpoint by itself and ends with the uninterrupted losses."""
