@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ _CHILD = r"""
 import json, sys, time
 mode, src, dst = sys.argv[1:4]
 import modse_megatron  # noqa: F401
-from modse_megatron.platform.messages import quiet_megatron_warnings
+from modse_megatron.platform.megatron_0_16.messages import quiet_megatron_warnings
 quiet_megatron_warnings()
 import shutil
 from modse_megatron.checkpoint import export as ex

@@ -34,7 +34,7 @@ def main() -> None:
 
     import modse_megatron  # noqa: F401
     from megatron.core import parallel_state, tensor_parallel
-    from modse_megatron.platform import cpu
+    from modse_megatron.platform.megatron_0_16 import cpu
     from modse_megatron.testing.megatron_utils import tiny_gpt, tiny_transformer_config, token_batch
 
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from modse_megatron.training.arguments import ConfigError, PretrainArgs, parse_args, world_layout
-from modse_megatron.platform.messages import quiet_megatron_warnings
+from modse_megatron.platform.megatron_0_16.messages import quiet_megatron_warnings
 from modse_megatron.training.supervision import write_error_line
 
 # Set once the process group exists: the side group that names ranks that stop answering.

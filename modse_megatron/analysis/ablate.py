@@ -25,7 +25,6 @@ is never half-counted). Then:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from modse_megatron.cli_common import OneLineArgumentParser, fail
@@ -98,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         import modse_megatron  # noqa: F401  (CPU layer before megatron is imported)
-        from modse_megatron.platform.messages import quiet_megatron_warnings
+        from modse_megatron.platform.megatron_0_16.messages import quiet_megatron_warnings
 
         quiet_megatron_warnings()
         return {"inspect": _inspect, "reshard": _reshard, "export": _export, "import": _import,

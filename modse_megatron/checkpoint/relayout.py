@@ -17,7 +17,7 @@ import torch
 
 from modse_megatron.checkpoint import manifest
 from modse_megatron.checkpoint.dcp_io import CheckpointReader, CheckpointWriter, chunk_metadata_of
-from modse_megatron.checkpoint.describe import is_model_key, is_optimizer_key, resolve, saved_args, saved_layout
+from modse_megatron.checkpoint.describe import is_model_key, is_optimizer_key, resolve, saved_args
 from modse_megatron.checkpoint.errors import CheckpointError
 from modse_megatron.checkpoint.export import TRACKER, staged
 from modse_megatron.checkpoint.reshard import unprefixed_key

@@ -22,8 +22,10 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from ..config import ROUTER_TYPES, ROUTING_GRANULARITIES  # the training side's, so both accept the same
 
 FORMAT = "modse-megatron-export"
 FORMAT_VERSION = 1
@@ -38,8 +40,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 DTYPES = ("float32", "bfloat16")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-ROUTER_TYPES = ("learned", "frozen", "random")
-ROUTING_GRANULARITIES = ("token", "sequence")
 ROUTER_DTYPES = ("float32", "float64")
 
 

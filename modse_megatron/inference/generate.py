@@ -20,8 +20,6 @@ instead (faster, but not what the model was trained with; see ``model.py``).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
@@ -133,7 +131,7 @@ def _load_model(load: Path, workdir: str, device: str, dtype: Optional[torch.dty
                               "give a directory written by `modse-convert export` or `modse-pretrain --save`")
         try:
             from modse_megatron.checkpoint.export import export_checkpoint
-            from modse_megatron.platform.messages import quiet_megatron_warnings
+            from modse_megatron.platform.megatron_0_16.messages import quiet_megatron_warnings
 
             quiet_megatron_warnings()
         except ImportError:

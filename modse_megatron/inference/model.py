@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ExportConfig, ExportError
+from .config import ExportConfig
 from .weights import check_tensors, read_export_tensors
 
 SEQUENCE_ROUTING = ("full", "causal")

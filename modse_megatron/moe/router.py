@@ -65,13 +65,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.transformer.moe.moe_utils import (
-    apply_random_logits,
-    compute_routing_scores_for_aux_loss,
-    get_capacity,
-    get_default_pg_collection,
-    topk_routing_with_score_function,
-)
+from megatron.core.transformer.moe.moe_utils import apply_random_logits, get_capacity, get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 
 from ..config import ROUTER_TYPES, ROUTING_GRANULARITIES as GRANULARITIES
@@ -174,6 +168,7 @@ class MoDSERouter(TopKRouter):
         self.granularity = granularity
         self.random_seed = int(random_seed)
         self._slots = slots
+        self._defer_expert_bias = False
         self._is_identity = slots == list(range(num_experts))
         super().__init__(config=config, pg_collection=pg_collection)
         device = self.weight.device
@@ -264,60 +259,42 @@ class MoDSERouter(TopKRouter):
         return self.routing(logits, padding_mask=padding_mask)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """``TopKRouter.routing`` of megatron-core 0.16.1, step for step, except that the top-k
-        choice is counted for :attr:`routing_stats` before capacity dropping, and capacity
-        dropping uses :func:`drop_tokens_over_capacity` (deterministic ties)."""
-        seq_length, bsz = logits.shape[:2]
-        logits = logits.view(-1, self.config.num_moe_experts)
-        if padding_mask is not None:
-            padding_mask = padding_mask.reshape(-1)
+        """megatron's ``TopKRouter.routing`` (z-loss, top-k or sinkhorn, aux losses, expert bias)
+        with two changes: the top-k choice is counted for :attr:`routing_stats` before capacity
+        dropping, and capacity dropping is :func:`drop_tokens_over_capacity` (deterministic ties).
 
-        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-        if self.routing_type == "sinkhorn":
-            probs, routing_map = self.sinkhorn_load_balancing(logits)
-        else:
-            probs, routing_map = topk_routing_with_score_function(
-                logits,
-                self.topk,
-                use_pre_softmax=self.config.moe_router_pre_softmax,
-                num_groups=self.config.moe_router_num_groups,
-                group_topk=self.config.moe_router_group_topk,
-                scaling_factor=self.config.moe_router_topk_scaling_factor,
-                score_function=self.score_function,
-                expert_bias=self.expert_bias,
-                fused=self.config.moe_router_fusion,
-                router_replay=self.router_replay,
-            )
-        self._count_routed_tokens(routing_map, padding_mask)
-
-        if self.config.moe_expert_capacity_factor is not None:
+        For that, megatron's own dropping is switched off for the call (its capacity factor reads
+        None meanwhile; restored at once, one thread) and its expert-bias update, which must see
+        the final map, waits until ours has dropped. Dropping after the aux loss is attached
+        instead of before changes nothing: that loss is computed from the logits, and the
+        masking multiplies the same probs in either order."""
+        config = self.config
+        capacity_factor = config.moe_expert_capacity_factor
+        self._defer_expert_bias = True
+        config.moe_expert_capacity_factor = None
+        try:
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        finally:
+            config.moe_expert_capacity_factor = capacity_factor
+            self._defer_expert_bias = False
+        padding_mask_T = None if padding_mask is None else padding_mask.reshape(-1)
+        self._count_routed_tokens(routing_map, padding_mask_T)
+        if capacity_factor is not None:
             probs, routing_map = drop_tokens_over_capacity(
                 probs,
                 routing_map,
                 topk=self.topk,
-                capacity_factor=self.config.moe_expert_capacity_factor,
-                drop_policy=self.config.moe_token_drop_policy,
-                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+                capacity_factor=capacity_factor,
+                drop_policy=config.moe_token_drop_policy,
+                pad_to_capacity=config.moe_pad_expert_input_to_capacity,
             )
-
-        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
-            with_padding = padding_mask is not None
-            map_for_aux, scores_for_aux = compute_routing_scores_for_aux_loss(
-                logits,
-                self.topk,
-                self.score_function,
-                fused=self.config.moe_router_fusion,
-                padding_mask=padding_mask,
-            )
-            probs = self._apply_aux_loss(probs, scores_for_aux, map_for_aux, with_padding_mask=with_padding)
-            probs = self._apply_seq_aux_loss(
-                probs, scores_for_aux, map_for_aux, seq_length, bsz, with_padding_mask=with_padding
-            )
-            probs = self._apply_global_aux_loss(
-                probs, scores_for_aux, map_for_aux, with_padding_mask=with_padding
-            )
-        self._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        super()._apply_expert_bias(routing_map, padding_mask=padding_mask_T)
         return probs, routing_map
+
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Skipped inside megatron's routing: :meth:`routing` applies it after capacity dropping."""
+        if not self._defer_expert_bias:
+            super()._apply_expert_bias(routing_map, padding_mask=padding_mask)
 
     # ------------------------------------------------------------------ statistics
     def _count_routed_tokens(self, map_TE: torch.Tensor, padding_mask_T: Optional[torch.Tensor]) -> None:

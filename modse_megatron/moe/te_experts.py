@@ -42,48 +42,22 @@ Shape legend: T tokens, P padded tokens, D hidden size, W local width, G = 2 if 
 """
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..config import EXPERTS_IMPLS_BUILT
+from ..platform import transformer_engine_problem
 
 TE_IMPL = EXPERTS_IMPLS_BUILT[-1]  # "te": the one spelling lives in config.py
-_GPU_EXTRA = "pip install 'modse-megatron[gpu]'"
 
 
 # ---------------------------------------------------------------------------- availability
 def te_unavailable_reason(import_te: bool = False) -> str | None:
-    """``None`` if the ``te`` experts can run here, else the one-line error naming the fix.
-
-    Without ``import_te`` only checks that TransformerEngine is installed (cheap, and it does
-    not touch a GPU before the launcher picked this rank's device); with it, imports it.
-    """
-    if not torch.cuda.is_available():
-        return (
-            "moe_experts_impl='te' (TransformerEngine experts) needs a CUDA GPU and none is "
-            "available: use moe_experts_impl=grouped on CPU"
-        )
-    try:
-        installed = importlib.util.find_spec("transformer_engine") is not None
-    except (ImportError, ValueError):
-        installed = False
-    if not installed:
-        return (
-            "moe_experts_impl='te' needs TransformerEngine, which is not installed: "
-            f"{_GPU_EXTRA} (or use moe_experts_impl=grouped)"
-        )
-    if import_te:
-        try:
-            import transformer_engine.pytorch  # noqa: F401
-        except (ImportError, OSError, RuntimeError) as err:  # a broken install or CUDA mismatch
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            return (
-                f"moe_experts_impl='te' needs TransformerEngine, which does not import ({first}): "
-                f"reinstall it with {_GPU_EXTRA} (or use moe_experts_impl=grouped)"
-            )
-    return None
+    """``None`` if the ``te`` experts can run here, else the one-line error naming the fix
+    (:func:`modse_megatron.platform.transformer_engine_problem`)."""
+    return transformer_engine_problem("moe_experts_impl='te'",
+                                      "use moe_experts_impl=grouped", import_te)
 
 
 def check_te_available() -> None:

@@ -2,9 +2,9 @@
 
 ``import modse_megatron`` arranges that :func:`activate` runs when megatron-core is imported, so
 a user or a test needs nothing else for megatron-core to run on a CPU-only machine. This
-package is the only place that patches anything (see :mod:`modse_megatron.platform.cpu` for
-each CPU patch and :mod:`modse_megatron.platform.fixes` for megatron bugs on its no-apex/TE
-path, each with the line it answers).
+package is the only place that patches anything: :mod:`.megatron_0_16` holds every piece that
+exists because of megatron-core 0.16.1 (the CPU layer, bug fixes) with the upgrade checklist
+naming the upstream line each one answers.
 
 Whether the CPU layer is installed (:func:`cpu_layer_wanted`): ``MODSE_CPU_LAYER=1`` on,
 ``MODSE_CPU_LAYER=0`` off (torch, threading and megatron stay exactly as upstream has them),
@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Callable
 
-SUPPORTED_MEGATRON_CORE = "0.16.1"
+from .megatron_0_16 import MEGATRON_CORE_VERSION as SUPPORTED_MEGATRON_CORE  # noqa: E402
 _SKIP_ENV = "MODSE_SKIP_MEGATRON_VERSION_CHECK"
 _LAYER_ENV = "MODSE_CPU_LAYER"
 _cpu_requested = False  # set by use_cpu_layer() (--device cpu on a CUDA machine)
@@ -79,7 +79,7 @@ def activate() -> None:
     """Check the megatron-core version, install the CPU layer (where :func:`cpu_layer_wanted`)
     and the no-apex/TE fixes (only where megatron lacks apex/TE). Idempotent."""
     check_megatron_version()
-    from . import cpu, fixes
+    from .megatron_0_16 import cpu, fixes
 
     if cpu_layer_wanted():
         cpu.install()
@@ -164,7 +164,7 @@ def _hide_warnings_if_cpu_layer() -> None:
     # megatron-core warns at import that apex/TE are missing: hide that before it runs, but
     # only where the CPU layer will be installed (the rest of the layer waits for the import).
     if cpu_layer_wanted():
-        from .messages import hide_missing_gpu_library_warnings
+        from .megatron_0_16.messages import hide_missing_gpu_library_warnings
 
         hide_missing_gpu_library_warnings()
 
@@ -186,7 +186,7 @@ def activate_when_megatron_imports() -> None:
 
 def cpu_layer_active() -> bool:
     """Whether megatron-core is running through the CPU compatibility layer."""
-    from . import cpu
+    from .megatron_0_16 import cpu
 
     return cpu.installed()
 
@@ -210,7 +210,7 @@ def resolve_device(requested: str = "auto") -> str:
         return "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            from . import cpu
+            from .megatron_0_16 import cpu
 
             if cpu.hides_cuda():
                 raise PlatformError(
@@ -225,6 +225,38 @@ def resolve_device(requested: str = "auto") -> str:
     raise PlatformError(f"unknown device {requested!r}: use one of auto, cpu, cuda")
 
 
+GPU_EXTRA = "pip install 'modse-megatron[gpu]'"
+
+
+def transformer_engine_problem(feature: str, fallback: str, import_te: bool = False) -> str | None:
+    """``None`` if TransformerEngine can run ``feature`` here, else the one-line reason with the
+    fix (``fallback`` names the alternative, e.g. "use moe_experts_impl=grouped").
+
+    Without ``import_te`` only checks for a GPU and that TransformerEngine is installed (cheap,
+    and it does not touch a GPU before the launcher picked this rank's device); with it, also
+    imports it (a broken install or a CUDA mismatch fails here, not in the first forward)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{feature} needs a CUDA GPU and none is available: {fallback} on CPU"
+    try:
+        installed = importlib.util.find_spec("transformer_engine") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return f"{feature} needs TransformerEngine, which is not installed: {GPU_EXTRA} (or {fallback})"
+    if import_te:
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+        except (ImportError, OSError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            return (f"{feature} needs TransformerEngine, which does not import ({first}): reinstall it with "
+                    f"{GPU_EXTRA} (or {fallback})")
+    return None
+
+
 def distributed_backend(device: str) -> str:
     """The torch.distributed backend for a resolved device: NCCL on GPUs, gloo on CPUs."""
     return "nccl" if device == "cuda" else "gloo"
@@ -232,6 +264,7 @@ def distributed_backend(device: str) -> str:
 
 __all__ = [
     "PlatformError",
+    "GPU_EXTRA",
     "SUPPORTED_MEGATRON_CORE",
     "activate",
     "activate_when_megatron_imports",
@@ -241,5 +274,6 @@ __all__ = [
     "cpu_layer_wanted",
     "distributed_backend",
     "resolve_device",
+    "transformer_engine_problem",
     "use_cpu_layer",
 ]

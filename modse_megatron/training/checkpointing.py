@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from modse_megatron.checkpoint import manifest, reshard, safe_load
 from modse_megatron.checkpoint.errors import CheckpointError
+from modse_megatron.platform.megatron_0_16.fixes import materialize_optimizer_state, unwrap_float16_module
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # Optimizer state in canonical per-parameter form without chained-optimizer key prefixes, so a
@@ -75,26 +76,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give a fresh optimizer zero Adam state so it can describe what it will load.
-
-    Without apex/TE, megatron 0.16.1's ``DistributedOptimizer.state_dict()`` reads every
-    parameter's ``step`` (distrib_optimizer.py:640-642) and asserts they agree, which fails on an
-    optimizer that has not stepped yet. Loading overwrites these placeholders.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                    state.setdefault("exp_avg", torch.zeros_like(param.data))
-                    state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
 
 
 def current_layout() -> dict[str, int]:
@@ -321,11 +302,7 @@ def _without_absent_extra_state(model_sd: dict, stored: set[str]) -> dict:
 
 def _load_model_state(module, state: dict) -> None:
     """``load_state_dict`` that tolerates exactly the absent ``_extra_state`` entries."""
-    from megatron.core.transformer.module import Float16Module
-
-    if isinstance(module, Float16Module):  # its load_state_dict (bf16/fp16) returns None
-        module = module.module
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing, unexpected = unwrap_float16_module(module).load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -347,7 +324,7 @@ def load_checkpoint(root: str, ddp, optimizer, scheduler, verify: bool = True) -
     stored = safe_load.read_metadata(path).state_dict_metadata
     # RNG streams belong to a rank's place in the layout; resharded checkpoints carry none
     same_layout = same_layout and any(k.startswith("rng_state") for k in stored)
-    _materialize_optimizer_state(optimizer)
+    materialize_optimizer_state(optimizer)
     template = _state_dict(ddp, optimizer, scheduler, True, same_layout)
     template["model"] = _without_absent_extra_state(template["model"], set(stored))
     with_optimizer = not meta.get("optimizer_dropped")  # modse-convert reshard --drop-optimizer

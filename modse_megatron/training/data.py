@@ -14,8 +14,6 @@ raised as :class:`DataError` with a one-line message naming the file and the fix
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -23,8 +21,8 @@ from typing import Callable, Sequence
 
 import numpy
 import torch
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
+from ..platform.megatron_0_16.datasets import SingleProcessSafeBuilder
 from . import DataError
 from .corpus import builtin_corpus, default_cache_dir, file_lock
 from .tokenizer import HFTokenizer, load_tokenizer
@@ -265,7 +263,7 @@ def build_gpt_datasets(
     for i, size in enumerate(sizes):
         if size == 0:  # not building it beats megatron's endless epoch loop on an empty request
             config.split_matrix[i] = None
-    builder = _Builder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
+    builder = SingleProcessSafeBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     os.makedirs(cache_dir, exist_ok=True)
     with contextlib.nullcontext() if distributed else file_lock(os.path.join(cache_dir, ".build.lock")):
@@ -283,34 +281,3 @@ def _exact_length(dataset, size, name, prefixes):
             f"{size} requested; give weights ('w1 p1 w2 p2') so megatron repeats data, or request fewer"
         )
     return dataset if len(dataset) == size else torch.utils.data.Subset(dataset, range(size))
-
-
-class _Builder(BlendedMegatronDatasetBuilder):
-    """megatron's builder, minus one crash when torch.distributed is not initialised.
-
-    megatron-core 0.16.1 ``BlendedDataset._build_indices`` calls
-    ``torch.distributed.get_rank()`` unguarded when ``path_to_cache`` is set and its cache is
-    missing, so any blend fails in a single process. The blend indices are cheap (one C++
-    pass), so in that case they are built in memory instead of cached; GPTDataset's costly
-    indices are still cached.
-    """
-
-    @staticmethod
-    def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
-        from megatron.core.datasets.blended_dataset import BlendedDataset
-
-        build = BlendedMegatronDatasetBuilder.build_generic_dataset
-        if cls is not BlendedDataset or torch.distributed.is_initialized():
-            return build(cls, is_built_on_rank, synchronize_ranks, *args)
-        *head, config = args
-        args = (*head, dataclasses.replace(config, path_to_cache=None))
-        log = logging.getLogger("megatron.core.datasets.blended_dataset")
-        log.addFilter(_drop_no_cache_warning)  # the warning about this very choice
-        try:
-            return build(cls, is_built_on_rank, synchronize_ranks, *args)
-        finally:
-            log.removeFilter(_drop_no_cache_warning)
-
-
-def _drop_no_cache_warning(record: logging.LogRecord) -> bool:
-    return "path_to_cache is None" not in record.getMessage()

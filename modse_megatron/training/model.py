@@ -24,12 +24,11 @@ def transformer_config(args: PretrainArgs):
     moe = bool(m.num_experts)
     dtype = torch.bfloat16 if m.bf16 else torch.float32
     if m.fp8_format:
-        if not torch.cuda.is_available():
-            raise ConfigError("--fp8-format needs a CUDA GPU with TransformerEngine: drop --fp8-format on this machine")
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            raise ConfigError("--fp8-format needs TransformerEngine: pip install 'modse-megatron[gpu]'") from None
+        from modse_megatron.platform import transformer_engine_problem
+
+        problem = transformer_engine_problem("--fp8-format", "drop --fp8-format", import_te=True)
+        if problem:
+            raise ConfigError(problem)
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -99,14 +98,16 @@ def build_model(args: PretrainArgs, config, vocab_size: int):
             spec = get_modse_decoder_block_spec(args.modse, config, backend=backend)  # validates
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    elif config.num_moe_experts:
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te", normalization=config.normalization)
-    else:
-        spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    if config.sequence_parallel and backend == "local":
-        from modse_megatron.training.norm import with_sequence_parallel_norms
+    else:  # megatron's own specs (uniform MoE twin, dense)
+        if config.num_moe_experts:
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te",
+                                              normalization=config.normalization)
+        else:
+            spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        if config.sequence_parallel and backend == "local":  # (the MoDSE specs do this themselves)
+            from modse_megatron.platform.megatron_0_16.norm import with_sequence_parallel_norms
 
-        spec = with_sequence_parallel_norms(spec)
+            spec = with_sequence_parallel_norms(spec)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

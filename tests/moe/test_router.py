@@ -79,6 +79,10 @@ CASES = {
     "expert_bias_sigmoid": dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"),
     "z_loss": dict(moe_z_loss_coeff=1e-3),
     "capacity_probs": dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
+    # expert bias counts the map after capacity dropping (MoDSERouter defers it past its own dropping)
+    "capacity_expert_bias_aux": dict(moe_expert_capacity_factor=0.75, moe_router_enable_expert_bias=True,
+                                     moe_router_score_function="sigmoid", moe_router_load_balancing_type="aux_loss",
+                                     moe_aux_loss_coeff=1e-2),
     "capacity_pad": dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True),
     "top1_capacity_allgather": dict(
         moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=0.5, moe_token_dispatcher_type="allgather"

@@ -123,6 +123,38 @@ def test_transformer_layer_hands_the_moe_layer_its_process_groups(dist2):
         assert not [m for m in messages if "Unknown MLP type" in m], messages
 
 
+def test_sequence_parallel_local_specs_get_norms_that_support_it(one_rank):
+    """megatron's local torch norms refuse sequence parallelism: the MoDSE specs (block and
+    layer) swap in ones that support it, so library users building their own GPTModel get them."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from modse_megatron.moe.specs import get_modse_decoder_block_spec, get_modse_gpt_layer_spec
+    from modse_megatron.platform.megatron_0_16.norm import SequenceParallelTorchNorm
+
+    def norms(spec):
+        found = []
+
+        def walk(obj):
+            if obj in (WrappedTorchNorm, SequenceParallelTorchNorm):
+                found.append(obj)
+            elif hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
+                for name in obj.__dataclass_fields__:
+                    walk(getattr(obj, name))
+            elif isinstance(obj, (list, tuple)):
+                for o in obj:
+                    walk(o)
+        walk(spec)
+        return found
+
+    modse = MoDSEConfig(moe_expert_size_preset="paper8")
+    for sequence_parallel in (False, True):
+        config = _gpt_config()
+        config.sequence_parallel = sequence_parallel  # (megatron checks TP > 1 only at __post_init__)
+        for spec in (get_modse_decoder_block_spec(modse, config), get_modse_gpt_layer_spec(modse, config)):
+            expected = SequenceParallelTorchNorm if sequence_parallel else WrappedTorchNorm
+            assert norms(spec) and set(norms(spec)) == {expected}, (sequence_parallel, norms(spec))
+
+
 def test_dense_baseline_through_the_same_spec_one_rank(one_rank):
     assert _dense_gpt() == (["dense", "dense"], True)
 

@@ -22,7 +22,7 @@ from modse_megatron.testing.megatron_utils import assert_close_rel
 from tests.moe.test_config import _tc
 from tests.moe.test_experts import HIDDEN, _config, _experts
 
-NO_CUDA = ("moe_experts_impl='te' (TransformerEngine experts) needs a CUDA GPU and none is "
+NO_CUDA = ("moe_experts_impl='te' needs a CUDA GPU and none is "
            "available: use moe_experts_impl=grouped on CPU")
 NO_TE = ("moe_experts_impl='te' needs TransformerEngine, which is not installed: "
          "pip install 'modse-megatron[gpu]' (or use moe_experts_impl=grouped)")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from modse_megatron.placement import PlanOptions, plan_placement, widths_from_ratios
 
 from .oracle import best_over_counts, is_pair_structured
-from .test_replicas import MODSE, PAIRS, REL, SETTINGS, check_valid, replica_instances
+from .test_replicas import MODSE, REL, SETTINGS, check_valid, replica_instances
 
 # sizes [1]*4, loads [26, 2, 23, 27], 2 ranks, 2 replicas: greedy copies experts 3 and 0 (best
 # placement 49.5); copying the light expert 1 (a cheap filler) and expert 2 gives 39.5.

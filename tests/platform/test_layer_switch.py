@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modse_megatron.platform import PlatformError, cpu_layer_wanted, use_cpu_layer
-from modse_megatron.platform.messages import hide_missing_gpu_library_warnings
+from modse_megatron.platform.megatron_0_16.messages import hide_missing_gpu_library_warnings
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="these fake CUDA on a CPU-only machine")
 

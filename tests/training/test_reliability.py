@@ -276,6 +276,7 @@ def _save_with_full_disk(root):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from modse_megatron.checkpoint.errors import CheckpointError
+    from modse_megatron.platform.megatron_0_16.fixes import materialize_optimizer_state
     from modse_megatron.training import checkpointing
     from modse_megatron.training.arguments import parse_args
     from modse_megatron.training.model import build_model, transformer_config, wrap_and_optimize
@@ -283,7 +284,7 @@ def _save_with_full_disk(root):
     args = parse_args([*EP2, "--train-iters", "2"])
     config = transformer_config(args)
     ddp, optimizer, scheduler = wrap_and_optimize(args, config, build_model(args, config, 256))
-    checkpointing._materialize_optimizer_state(optimizer)  # as after a first step (megatron asserts on steps)
+    materialize_optimizer_state(optimizer)  # as after a first step (megatron asserts on steps)
     checkpointing.save_checkpoint(root, 1, ddp, optimizer, scheduler, {"consumed_samples": 8})
     import functools
 

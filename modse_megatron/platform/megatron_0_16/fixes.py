@@ -109,6 +109,35 @@ def _fix_orphaned_checkpoint_writers() -> None:
     FileSystemWriterAsync.write_preloaded_data = staticmethod(write_preloaded_data)
 
 
+def materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam state so it can describe what it will load.
+
+    Without apex/TE, megatron 0.16.1's ``DistributedOptimizer.state_dict()`` reads every
+    parameter's ``step`` (distrib_optimizer.py:640-642) and asserts they agree, which fails on an
+    optimizer that has not stepped yet. Loading overwrites these placeholders.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state.setdefault("exp_avg", torch.zeros_like(param.data))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
+
+
+def unwrap_float16_module(module):
+    """The module a ``Float16Module`` (bf16/fp16) wraps, else ``module``: its
+    ``load_state_dict`` (transformer/module.py:511-514) returns None instead of the missing and
+    unexpected keys of ``strict=False``."""
+    from megatron.core.transformer.module import Float16Module
+
+    return module.module if isinstance(module, Float16Module) else module
+
+
 def install() -> None:
     """Apply the fixes once; the optimizer ones only where megatron runs without apex/TE."""
     global _installed

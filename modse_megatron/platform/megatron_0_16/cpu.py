@@ -425,7 +425,7 @@ def _enter_mode_in_megatron_threads() -> None:
     """Torch function modes are thread-local: the threads megatron-core starts enter the mode at
     megatron's own creation points (now, or when megatron imports the module lazily). Threads
     anyone else starts run as torch has them."""
-    from . import after_import
+    from .. import after_import
 
     for name, patch in _MEGATRON_THREADS.items():
         after_import(name, patch)
