@@ -27,14 +27,12 @@ from typing import NoReturn, Optional, Sequence
 import torch
 
 from modse_megatron.cli_common import OneLineArgumentParser, fail
+from modse_megatron.training.special_tokens import EOD_CANDIDATES  # the tokenizer's order, without megatron
 
 from .config import CONFIG_FILE, ExportError
 from .model import SEQUENCE_ROUTING, ReferenceGPT
 
 PROG = "modse-generate"
-#: Names of the end-of-document token, in the order modse_megatron.training.tokenizer tries them
-#: (that module imports megatron, which this command does not need).
-EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

@@ -65,17 +65,16 @@ class Expert(nn.Module):
     shard holds the same hidden units of the gate and the up projection.
     """
 
-    def __init__(self, w1_GWD: torch.Tensor, w2_DW: torch.Tensor, logical_id: int, width: int,
-                 linear=_Linear):
+    def __init__(self, w1_GWD: torch.Tensor, w2_DW: torch.Tensor, logical_id: int, linear=_Linear):
         super().__init__()
         self.linear_fc1 = linear(w1_GWD)  # ``linear(weight)``: a module whose ``.weight`` it is
         self.linear_fc2 = linear(w2_DW)
         self.logical_id = logical_id
-        self.width = width  # full (unsharded) width
 
 
-def _activation(config: TransformerConfig):
-    """megatron MLP's activation on fc1 outputs (gated or not), incl. clamp and linear offset."""
+def mlp_activation(config: TransformerConfig):
+    """megatron MLP's activation as a function of the fc1 outputs (gated or not, with clamp and
+    linear offset): ``[T, G*W] -> [T, W]``, differentiated by autograd (the loop/te experts)."""
     act = config.activation_func
     if not config.gated_linear_unit:
         return act
@@ -165,8 +164,8 @@ class MoDSEExperts(MegatronModule):
         self.expert_widths = [int(w) for w in expert_widths]
         self.logical_ids = [int(i) for i in logical_ids]
         self.local_widths = [w // etp for w in self.expert_widths]
-        self.activation = _activation(config)
-        self.fused_activation = _make_activation(config)
+        self.mlp_activation = mlp_activation(config)
+        self.scaled_activation = scaled_activation(config)
         self.gated = bool(config.gated_linear_unit)
         self.quantization_align = te_experts.quantization_alignment(config) if impl == te_experts.TE_IMPL else 1
         """Rows each expert's token block is padded to (``te`` under FP8; else 1)."""
@@ -180,7 +179,7 @@ class MoDSEExperts(MegatronModule):
         self.local_experts = nn.ModuleList()
         for width, lid in zip(self.expert_widths, self.logical_ids):
             w1, w2 = self._init_expert(width, base_seed + lid, etp, etp_rank)
-            expert = Expert(w1, w2, lid, width, linear=linear)
+            expert = Expert(w1, w2, lid, linear=linear)
             for param, dim in ((expert.linear_fc1.weight, 0), (expert.linear_fc2.weight, 1)):
                 # Attributes megatron's DDP, optimizer and grad clipping read: expert params
                 # are reduced over the expert-data-parallel group, not the data-parallel one.
@@ -260,7 +259,7 @@ class MoDSEExperts(MegatronModule):
             return self._forward_loop(x_TD, counts, probs_T), None
         if self.impl == te_experts.TE_IMPL:
             y_TD = te_experts.te_experts_forward(
-                self.local_experts, x_TD, probs_T, counts, self.activation, self.quantization_align
+                self.local_experts, x_TD, probs_T, counts, self.mlp_activation, self.quantization_align
             )
             return y_TD, None
         grouped_mm = self.use_grouped_mm
@@ -268,7 +267,7 @@ class MoDSEExperts(MegatronModule):
             grouped_mm = x_TD.is_cuda and hasattr(torch, "_grouped_mm")
         weights = [p for e in self.local_experts for p in (e.linear_fc1.weight, e.linear_fc2.weight)]
         y_TD = _GroupedExpertsFn.apply(
-            x_TD, probs_T, counts, self.local_widths, self.fused_activation, grouped_mm, *weights
+            x_TD, probs_T, counts, self.local_widths, self.scaled_activation, grouped_mm, *weights
         )
         return y_TD, None
 
@@ -277,7 +276,7 @@ class MoDSEExperts(MegatronModule):
         outputs = []
         for expert, xe_TD, pe_T in zip(self.local_experts, x_TD.split(counts), probs_T.split(counts)):
             h_TGW = xe_TD @ expert.linear_fc1.weight.t()
-            z_TW = self.activation(h_TGW)
+            z_TW = self.mlp_activation(h_TGW)
             z_TW = (z_TW * pe_T.unsqueeze(-1)).to(z_TW.dtype)
             outputs.append(z_TW @ expert.linear_fc2.weight.t())
         return torch.cat(outputs, dim=0)
@@ -351,8 +350,9 @@ def _fc(x_TK: torch.Tensor, w_NK: torch.Tensor, out: Optional[torch.Tensor] = No
     return torch.mm(x_TK, w_NK.t(), out=out)
 
 
-class _Activation:
-    """The elementwise middle of an expert, ``zp = act(h) * p``, and its backward.
+class _ScaledActivation:
+    """The elementwise middle of an expert scaled by the routing probability,
+    ``zp = act(h) * p``, with a hand-written backward (for :class:`_GroupedExpertsFn`).
 
     Generic: any megatron activation, differentiated by autograd on a recomputed ``act(h)``.
     """
@@ -375,7 +375,7 @@ class _Activation:
         return (zd_TW * p_T.unsqueeze(-1)).to(zd_TW.dtype), dh_TGW, dp_T
 
 
-class _SwiGLU(_Activation):
+class _ScaledSwiGLU(_ScaledActivation):
     """SwiGLU written out by hand: fewer passes over ``[T, W]`` arrays, in-place where the
     operand is dead, and ``dh`` written into one buffer (no ``cat`` of gate/up gradients)."""
 
@@ -397,19 +397,21 @@ class _SwiGLU(_Activation):
         return z_TW.mul_(p_T1), dh_TGW, dp_T
 
 
-def _make_activation(config: TransformerConfig) -> _Activation:
+def scaled_activation(config: TransformerConfig) -> _ScaledActivation:
+    """The grouped experts' ``act(h) * p`` for this config: hand-written SwiGLU when it is plain
+    SwiGLU, else megatron's activation differentiated by autograd."""
     plain_swiglu = (
         config.gated_linear_unit and config.activation_func is F.silu
         and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0
     )
-    return _SwiGLU(None) if plain_swiglu else _Activation(_activation(config))
+    return _ScaledSwiGLU(None) if plain_swiglu else _ScaledActivation(mlp_activation(config))
 
 
 class _GroupedExpertsFn(torch.autograd.Function):
     """All local experts as one autograd node.
 
     Forward stores only the inputs and the fc1 outputs; backward recomputes the activation
-    (cheap, elementwise; :class:`_Activation`), so memory stays at one ``[T, G*W]`` per expert.
+    (cheap, elementwise; :class:`_ScaledActivation`), so memory stays at one ``[T, G*W]`` per expert.
     Outputs and input gradients are written into preallocated buffers (no per-expert graph
     nodes, no ``cat``). With ``grouped_mm``, adjacent experts of one width class run their
     forward as one ``torch._grouped_mm``.

@@ -19,12 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from . import DataError
+from .special_tokens import EOD_CANDIDATES, EOD_TOKEN, PAD_CANDIDATES, PAD_TOKEN  # noqa: F401 (re-exported)
 
-EOD_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-# Names other tokenizers use for the same roles; the first one present wins.
-EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
-PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>")
 # megatron's sentinel for "no pad token" (megatron/core/datasets/megatron_dataset.py).
 NO_PAD = -1
 MIN_VOCAB = 256 + 2  # every byte plus the two special tokens

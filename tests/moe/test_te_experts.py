@@ -101,7 +101,7 @@ def _te_math_vs_loop(activation, align):
     dy = torch.randn(sum(COUNTS), HIDDEN, generator=g)
     results = []
     for run in (lambda x, p: loop(x, torch.tensor(COUNTS), p)[0],
-                lambda x, p: te_experts.te_experts_forward(stand_ins, x, p, COUNTS, loop.activation, align)):
+                lambda x, p: te_experts.te_experts_forward(stand_ins, x, p, COUNTS, loop.mlp_activation, align)):
         loop.zero_grad(set_to_none=True)
         x_, p_ = x.clone().requires_grad_(True), probs.clone().requires_grad_(True)
         out = run(x_, p_)
