@@ -82,8 +82,23 @@ def activate() -> None:
     from .megatron_0_16 import cpu, fixes
 
     if cpu_layer_wanted():
+        _refuse_cpu_layer_with_gpu_kernels()
         cpu.install()
     fixes.install()
+
+
+def _refuse_cpu_layer_with_gpu_kernels() -> None:
+    """With apex or TransformerEngine installed (a GPU node), megatron binds their CUDA-only
+    fused optimizers and norms at import (optimizer/distrib_optimizer.py:21-36,
+    models/backends.py:18-23): a CPU run would reach a CUDA kernel mid-step. Say so up front."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        raise PlatformError(
+            "megatron on the CPU (--device cpu or MODSE_CPU_LAYER=1) is not supported where apex or "
+            "TransformerEngine is installed (megatron binds their CUDA-only fused kernels): run with "
+            "--device cuda, or use an environment without them for CPU runs"
+        )
 
 
 def use_cpu_layer() -> None:

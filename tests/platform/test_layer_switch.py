@@ -181,3 +181,18 @@ assert resolve_device("cpu") == "cpu"
 print("cpu layer")
 """
     assert _run(code).splitlines()[-2:] == ["untouched", "cpu layer"]
+
+
+def test_cpu_layer_refused_where_megatron_binds_gpu_kernels(monkeypatch):
+    """A GPU node with apex/TE: megatron picked their CUDA-only fused kernels at import, so the
+    CPU layer is refused with one line instead of a CUDA error mid-step."""
+    import megatron.core  # noqa: F401
+    from megatron.core.optimizer import distrib_optimizer
+
+    from modse_megatron.platform import _refuse_cpu_layer_with_gpu_kernels
+
+    _refuse_cpu_layer_with_gpu_kernels()  # this machine: no apex/TE, nothing to refuse
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    with pytest.raises(PlatformError, match="not supported where apex or TransformerEngine is installed") as err:
+        _refuse_cpu_layer_with_gpu_kernels()
+    assert "\n" not in str(err.value)
