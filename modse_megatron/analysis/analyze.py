@@ -259,7 +259,7 @@ def document_range(split: str, split_text: str, num_documents: int) -> tuple[int
 
 
 # ----------------------------------------------------------------------------- model analyses
-def _load_model(inputs: Inputs, path: Path, workdir: Path, name: str):
+def _load_model(path: Path, workdir: Path, name: str):
     """A ReferenceGPT of an export, or of a checkpoint exported into ``workdir`` first."""
     from modse_megatron.inference.model import ReferenceGPT
 
@@ -280,7 +280,7 @@ def model_analyses(inputs: Inputs, opts, report: dict[str, Any], skipped: dict[s
 
     source = inputs.export or inputs.checkpoint
     path_b = _model_b(opts.checkpoint_b) if opts.checkpoint_b else None  # a bad path fails before any work
-    model, model_dir = _load_model(inputs, source, workdir, "export_a")
+    model, model_dir = _load_model(source, workdir, "export_a")
     cfg = model.config
     if cfg.moe is None:
         for key in ("difficulty_by_width", "router_entropy", "routing_stability", "specialisation"):
@@ -312,12 +312,12 @@ def model_analyses(inputs: Inputs, opts, report: dict[str, Any], skipped: dict[s
     report["difficulty_by_width"] = routing.difficulty_by_width(main, widths)
     report["router_entropy"] = routing.router_entropy(main, moe.score_function)
     if inputs.ep is not None and inputs.run_args is not None:
-        ranks = _placement(inputs, widths, skipped)
+        ranks = _placement(inputs, skipped)
         if ranks is not None:
             report["rank_compute"]["from_eval_routing"] = run_log.rank_load(
                 routing.routed_counts(main, moe.num_experts), widths, ranks, inputs.ep, "analysed data")
     if path_b is not None:
-        other, _ = _load_model(inputs, path_b, workdir, "export_b")
+        other, _ = _load_model(path_b, workdir, "export_b")
         if other.config.moe is None or list(other.config.moe.expert_widths) != widths:
             raise AnalysisError(f"--checkpoint-b {opts.checkpoint_b} has other experts "
                                 f"({other.config.describe()}) than the model ({cfg.describe()}): compare two "
@@ -365,7 +365,7 @@ def _tokenizer(path: Optional[str]):
     return load_tokenizer(path)
 
 
-def _placement(inputs: Inputs, widths: list[int], skipped: dict[str, str]) -> Optional[list[int]]:
+def _placement(inputs: Inputs, skipped: dict[str, str]) -> Optional[list[int]]:
     from modse_megatron.checkpoint.describe import placement
 
     try:
@@ -415,7 +415,7 @@ def build_report(inputs: Inputs, opts, out: Path) -> dict[str, Any]:
         if logged:
             rank["logged_by_training"] = logged
         if inputs.ep is not None and inputs.run_args is not None:
-            ranks = _placement(inputs, widths, skipped)
+            ranks = _placement(inputs, skipped)
             if ranks is not None:
                 rank["from_metrics"] = run_log.rank_load(run_log.layer_counts(log, widths), widths, ranks, inputs.ep,
                                                          f"placement of {inputs.args_source}")
