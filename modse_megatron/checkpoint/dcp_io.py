@@ -199,7 +199,10 @@ class CheckpointReader:
 
 class _HashingFile:
     """A write-only file that hashes what goes through it (the manifest's SHA-256 without
-    reading the file back)."""
+    reading the file back). Large writes hash on a second thread while the bytes go to the
+    file (both release the GIL), so hashing costs almost no time where a core is free."""
+
+    _PARALLEL_BYTES = 1 << 20
 
     def __init__(self, path: Path):
         import hashlib
@@ -207,12 +210,24 @@ class _HashingFile:
         self._f = open(path, "wb")
         self.sha = hashlib.sha256()
         self.size = 0
+        self._hasher = None
 
     def write(self, data) -> int:
-        view = memoryview(data)
-        self.sha.update(view)
+        view = memoryview(data).cast("B")
         self.size += view.nbytes
-        return self._f.write(view)
+        if view.nbytes < self._PARALLEL_BYTES:
+            self.sha.update(view)
+            return self._f.write(view)
+        if self._hasher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="modse-sha256")
+        hashed = self._hasher.submit(self.sha.update, view)  # in order: one write at a time
+        try:
+            written = self._f.write(view)
+        finally:
+            hashed.result()  # the caller may reuse its buffer once write() returns
+        return written
 
     def tell(self) -> int:
         return self.size
@@ -225,6 +240,9 @@ class _HashingFile:
 
     def close(self) -> None:
         self._f.close()
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
 
     @property
     def closed(self) -> bool:

@@ -62,12 +62,28 @@ def model_tensors(reader: CheckpointReader, dtype: torch.dtype | None = None) ->
     infos = reader.tensors()
     for key in sorted(k for k in infos if is_model_key(k)):
         info = infos[key]
+        names = split_names(key, info)
+        if _one_chunk_per_layer(key, info, names):
+            # What our own writers store (modse-convert import, a 1-way save): each layer of a
+            # stacked key is one chunk, exported as it is read (no assembly, no copy).
+            name_of_layer = {index[0]: name for name, index in names}
+            for offsets, chunk in reader.read_chunks(key):
+                yield name_of_layer[offsets[0]], chunk[0] if dtype is None else chunk[0].to(dtype)
+            continue
         full = reader.read(key, info)
         if dtype is not None:
             full = full.to(dtype)
-        for name, index in split_names(key, info):
+        for name, index in names:
             yield name, full[index].clone() if index else full
         del full
+
+
+def _one_chunk_per_layer(key: str, info, names) -> bool:
+    """Whether ``key`` is stacked per layer only (not megatron's [L, E, ...] experts) and every
+    stored chunk is exactly one whole layer."""
+    return (is_stacked(key) and all(len(index) == 1 for _, index in names)
+            and len(info.chunks) == len(names)
+            and all(sizes[0] == 1 and tuple(sizes[1:]) == tuple(info.shape[1:]) for _, sizes in info.chunks))
 
 
 MEGATRON_STACKED_EXPERTS = "decoder.layers.mlp.experts.experts."
