@@ -102,6 +102,41 @@ def record(metrics: str, pretrain_args: list[str], out: str) -> dict:
     return trace
 
 
+def zipf_drift_trace(experts: int, ep: int, steps: int = 200, layers: int = 4, tokens_per_step: int = 16384,
+                     topk: int = 2, zipf_max: float = 1.2, swaps_per_step: int = 1, seed: int = 0) -> dict:
+    """A synthetic trace: routing skew rising from uniform to Zipf(``zipf_max``) over the run,
+    while the popularity order drifts slowly (``swaps_per_step`` swaps of two experts adjacent
+    in popularity, per layer and step). Widths: the paper's pairs 4.5:0.5, 4:1, 3:2, 2.5:2.5
+    (x16) repeated; one hidden size and byte count as a 700M-class MoDSE layer."""
+    from modse_megatron.placement.layout import resolve_ranks
+
+    rng = np.random.default_rng(seed)
+    pairs = [(72, 8), (64, 16), (48, 32), (40, 40)]
+    widths = [w for i in range(experts // 2) for w in pairs[i % len(pairs)]]
+    order = [list(rng.permutation(experts)) for _ in range(layers)]  # popularity order per layer
+    tokens = []
+    for t in range(steps):
+        s = zipf_max * t / max(steps - 1, 1)
+        step = []
+        for layer in range(layers):
+            for _ in range(swaps_per_step):
+                i = int(rng.integers(0, experts - 1))
+                order[layer][i], order[layer][i + 1] = order[layer][i + 1], order[layer][i]
+            p = np.empty(experts)
+            p[order[layer]] = 1.0 / np.arange(1, experts + 1) ** s
+            step.append(rng.multinomial(tokens_per_step * topk, p / p.sum()).tolist())
+        tokens.append(step)
+    return {"source": f"synthetic: Zipf 0 -> {zipf_max} over {steps} steps, {swaps_per_step} popularity swap(s) "
+                      f"per layer and step, {tokens_per_step} tokens x top-{topk} per layer, seed {seed}",
+            "widths": widths, "ep": ep, "placement": resolve_ranks("auto", widths, ep), "hidden_size": 2048,
+            "swiglu": True, "layers": [str(i + 1) for i in range(layers)], "bytes_per_param": 14, "seed": seed,
+            "iterations": list(range(1, steps + 1)), "tokens": tokens,
+            "tokens_np": np.asarray(tokens, dtype=np.float64)}
+
+
+SYNTHETIC = {"zipf_drift_64experts": (64, 8), "zipf_drift_256experts": (256, 64)}
+
+
 def load_trace(path: Path) -> dict:
     trace = json.loads(path.read_text())
     trace["tokens_np"] = np.asarray(trace["tokens"], dtype=np.float64)  # [steps, layers, n]
@@ -151,8 +186,10 @@ def replay(trace: dict, ep: int, start: list[int], decide: Decide | None,
             moved_experts += sum(a != b for a, b in zip(ranks, new))
             moved += moved_bytes(trace, widths, ranks, new)
             ranks = new
+    expert_bytes = moved_bytes(trace, widths, [0] * len(widths), [1] * len(widths))  # every expert
     return summary(imb) | {
         "migrations": migrations, "moved_experts": moved_experts, "moved_bytes": moved,
+        "moved_fraction_of_expert_bytes_per_migration": moved / migrations / expert_bytes if migrations else 0.0,
         "planner_calls": len(plan_s),
         "planning_ms_per_call_mean": 1e3 * float(np.mean(plan_s)) if plan_s else 0.0,
         "planning_ms_per_call_max": 1e3 * float(np.max(plan_s)) if plan_s else 0.0,
@@ -237,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "of two >= 2 leaving >= 4 experts per rank)")
     parser.add_argument("--min-gain", type=float, default=0.03)
     parser.add_argument("--move-slack", type=float, default=0.01)
-    parser.add_argument("--ema-decay", type=float, default=0.9)
+    parser.add_argument("--ema-decay", type=float, default=0.5, help="as --moe-replan-ema-decay (its default)")
+    parser.add_argument("--synthetic", default=",".join(SYNTHETIC),
+                        help=f"synthetic Zipf-drift scenarios to add (of {', '.join(SYNTHETIC)}; '' for none)")
     args = parser.parse_args(argv)
     if args.command == "record":
         pretrain_args = [a for a in args.pretrain_args if a != "--"]
@@ -253,12 +292,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "move_slack": args.move_slack, "ema_decay": args.ema_decay},
         "traces": {},
     }
-    for path in (Path(p) for p in args.traces.split(",") if p.strip()):
-        trace = load_trace(path)
+    traces = [(Path(p).name, lambda p=p: load_trace(Path(p))) for p in args.traces.split(",") if p.strip()]
+    traces += [(name, lambda e=e, ep=ep: zipf_drift_trace(e, ep)) for name, (e, ep) in SYNTHETIC.items()
+               if name in args.synthetic.split(",")]
+    for name, make in traces:
+        trace = make()
         n = len(trace["widths"])
-        eps = [int(x) for x in args.ep.split(",") if x.strip()] or [
-            ep for ep in (2, 4, 8, 16, 32, 64) if n % ep == 0 and n // ep >= 4]
-        result["traces"][path.name] = {
+        eps = [int(x) for x in args.ep.split(",") if x.strip()] or (
+            [trace["ep"]] if name in SYNTHETIC else
+            [ep for ep in (2, 4, 8, 16, 32, 64) if n % ep == 0 and n // ep >= 4])
+        result["traces"][name] = {
             "source": trace["source"], "steps": len(trace["iterations"]), "experts": n,
             "moe_layers": len(trace["layers"]), "widths": trace["widths"],
             "recorded_ep": trace["ep"],
