@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 RTOL = 1e-5
 EIGHT = [*TINY, "--num-experts", "8", "--moe-expert-widths", "144,16,128,32,96,64,80,80", "--moe-ffn-hidden-size", "80",
-         "--expert-model-parallel-size", "2", "--train-iters", "6"]
+         "--expert-model-parallel-size", "2", "--train-iters", "20"]
 
 
 def _rows(log):
@@ -23,16 +23,19 @@ def _train_losses(log):
 
 
 def test_migration_is_math_invariant(data, tmp_path):
+    """EP=2 in bf16, random placements every 2 steps."""
     static, moving = tmp_path / "static", tmp_path / "moving"
-    ok(torchrun([*EIGHT, "--log-dir", str(static)], data=data))
-    ok(torchrun([*EIGHT, "--log-dir", str(moving), "--moe-replan-interval", "2", "--moe-replan-policy", "random",
-                 "--save", str(moving / "ckpt")], data=data))
+    ok(torchrun([*EIGHT, "--bf16", "--log-dir", str(static)], data=data))
+    ok(torchrun([*EIGHT, "--bf16", "--log-dir", str(moving), "--moe-replan-interval", "2", "--moe-replan-policy",
+                 "random", "--save", str(moving / "ckpt")], data=data))
     a, b = _train_losses(static), _train_losses(moving)
-    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]
+    assert list(a) == list(b) == list(range(1, 21))
     for it in a:
         assert abs(a[it] - b[it]) <= RTOL * abs(a[it]), (it, a, b)
     events = [r for r in _rows(moving) if r.get("event") == "replan"]
-    assert [e["iteration"] for e in events] == [2, 4]
+    # every 2 steps, not after the last; a random placement may equal the current one (no move)
+    iterations = [e["iteration"] for e in events]
+    assert set(iterations) <= set(range(2, 20, 2)) and len(iterations) >= 6, iterations
     for e in events:
         assert e["moved_experts"] > 0 and e["moved_bytes"] > 0 and e["seconds"] > 0
         assert {"max_over_mean_compute_before", "max_over_mean_compute_after", "layer"} <= set(e)
@@ -45,8 +48,37 @@ def test_migration_is_math_invariant(data, tmp_path):
 
     stored = CheckpointReader(resolve(moving / "ckpt")).meta
     assert stored["args"]["modse"]["moe_expert_placement"] == ",".join(map(str, meta_args))
-    assert stored["replan_loads"]["updates"] == 6
+    assert stored["replan_loads"]["updates"] == 20
     resumed = tmp_path / "resumed"
-    ok(torchrun([*EIGHT[:-4], "--expert-model-parallel-size", "1", "--train-iters", "7", "--load", str(moving / "ckpt"),
+    ok(torchrun([*EIGHT[:-4], "--bf16", "--expert-model-parallel-size", "1", "--train-iters", "21", "--load", str(moving / "ckpt"),
                  "--log-dir", str(resumed)], data=data))
-    assert list(_train_losses(resumed)) == [7]
+    assert list(_train_losses(resumed)) == [21]
+
+
+BASE8 = EIGHT[:-4]  # without --expert-model-parallel-size 2 --train-iters 6
+
+
+# bf16 (test_migration_is_math_invariant) runs on 2 ranks with the alltoall dispatcher: there a
+# token's top-2 outputs are summed in one addition, exact in any order. With expert-TP the combine also sums the partial outputs of
+# the ranks holding the token's experts, and in bf16 that sum rounds differently when experts
+# change ranks (measured: 2e-5 relative after 10 iterations), so expert-TP is checked in fp32.
+@pytest.mark.parametrize("name, nproc, layout, policy", [
+    ("ep4", 4, ["--expert-model-parallel-size", "4", "--micro-batch-size", "2"], ["--moe-replan-policy", "random"]),
+    ("ep2_etp2_allgather", 4, ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2",
+                               "--moe-token-dispatcher-type", "allgather", "--micro-batch-size", "2"],
+     ["--moe-replan-policy", "planner", "--moe-replan-min-gain", "0"]),
+])
+def test_migration_is_math_invariant_over_layouts(data, tmp_path, name, nproc, layout, policy):
+    """20 iterations with migrations every 3 (distributed optimizer) train to the static run's
+    losses: EP=4 with random placements; EP=2 x expert-TP=2 with the allgather dispatcher and
+    the planner."""
+    args = [*BASE8, *layout, "--train-iters", "20"]
+    static, moving = tmp_path / "static", tmp_path / "moving"
+    ok(torchrun([*args, "--log-dir", str(static)], data=data, nproc=nproc))
+    ok(torchrun([*args, "--log-dir", str(moving), "--moe-replan-interval", "3", *policy], data=data, nproc=nproc))
+    a, b = _train_losses(static), _train_losses(moving)
+    assert list(a) == list(b) == list(range(1, 21))
+    for it in a:
+        assert abs(a[it] - b[it]) <= RTOL * abs(a[it]), (it, a, b)
+    events = [r for r in _rows(moving) if r.get("event") == "replan"]
+    assert events and all(e["moved_experts"] > 0 for e in events), events
