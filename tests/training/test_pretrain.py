@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modse_megatron.testing.ports import address_in_use, free_port
+from modse_megatron.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 
