@@ -23,19 +23,19 @@ def _train_losses(log):
 
 
 def test_migration_is_math_invariant(data, tmp_path):
-    """EP=2 in bf16, random placements every 2 steps."""
+    """EP=2 in bf16, random placements every 4 steps."""
     static, moving = tmp_path / "static", tmp_path / "moving"
     ok(torchrun([*EIGHT, "--bf16", "--log-dir", str(static)], data=data))
-    ok(torchrun([*EIGHT, "--bf16", "--log-dir", str(moving), "--moe-replan-interval", "2", "--moe-replan-policy",
+    ok(torchrun([*EIGHT, "--bf16", "--log-dir", str(moving), "--moe-replan-interval", "4", "--moe-replan-policy",
                  "random", "--save", str(moving / "ckpt")], data=data))
     a, b = _train_losses(static), _train_losses(moving)
     assert list(a) == list(b) == list(range(1, 21))
     for it in a:
         assert abs(a[it] - b[it]) <= RTOL * abs(a[it]), (it, a, b)
     events = [r for r in _rows(moving) if r.get("event") == "replan"]
-    # every 2 steps, not after the last; a random placement may equal the current one (no move)
+    # every 4 steps, not after the last; a random placement may equal the current one (no move)
     iterations = [e["iteration"] for e in events]
-    assert set(iterations) <= set(range(2, 20, 2)) and len(iterations) >= 6, iterations
+    assert set(iterations) <= {4, 8, 12, 16} and len(iterations) >= 3, iterations
     for e in events:
         assert e["moved_experts"] > 0 and e["moved_bytes"] > 0 and e["seconds"] > 0
         assert {"max_over_mean_compute_before", "max_over_mean_compute_after", "layer"} <= set(e)
@@ -62,15 +62,16 @@ BASE8 = EIGHT[:-4]  # without --expert-model-parallel-size 2 --train-iters 6
 # token's top-2 outputs are summed in one addition, exact in any order. With expert-TP the combine
 # also sums the partial outputs of the ranks holding the token's experts, and in bf16 that sum
 # rounds differently when experts change ranks (measured: 2e-5 relative after 10 iterations), so
-# expert-TP is checked in fp32. Both 4-rank runs are compared with ONE static run (EP=4): a
-# migrating run must equal it whatever its layout (layouts are math-invariant too).
+# expert-TP is checked in fp32. Both 4-rank runs are compared with ONE static run (EP=2 on 2
+# ranks): a migrating run must equal it whatever its layout (layouts are math-invariant too).
 FOUR = [*BASE8, "--train-iters", "20", "--micro-batch-size", "2"]  # DP 4: 2 x 4 = the batch of 8
 
 
 @pytest.fixture(scope="module")
 def static_four(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("static_four")
-    ok(torchrun([*FOUR, "--expert-model-parallel-size", "4", "--log-dir", str(out)], data=data, nproc=4))
+    """The static reference, on 2 ranks (EP=2, 2 micro-batches each: the same batch of 8)."""
+    out = tmp_path_factory.mktemp("static")
+    ok(torchrun([*FOUR, "--expert-model-parallel-size", "2", "--log-dir", str(out)], data=data))
     return _train_losses(out)
 
 
