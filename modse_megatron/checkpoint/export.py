@@ -63,7 +63,7 @@ def model_tensors(reader: CheckpointReader, dtype: torch.dtype | None = None) ->
     for key in sorted(k for k in infos if is_model_key(k)):
         info = infos[key]
         names = split_names(key, info)
-        if _one_chunk_per_layer(key, info, names):
+        if _one_chunk_per_layer(info, names):
             # What our own writers store (modse-convert import, a 1-way save): each layer of a
             # stacked key is one chunk, exported as it is read (no assembly, no copy).
             name_of_layer = {index[0]: name for name, index in names}
@@ -78,10 +78,10 @@ def model_tensors(reader: CheckpointReader, dtype: torch.dtype | None = None) ->
         del full
 
 
-def _one_chunk_per_layer(key: str, info, names) -> bool:
+def _one_chunk_per_layer(info, names) -> bool:
     """Whether ``key`` is stacked per layer only (not megatron's [L, E, ...] experts) and every
     stored chunk is exactly one whole layer."""
-    return (is_stacked(key) and all(len(index) == 1 for _, index in names)
+    return (all(len(index) == 1 for _, index in names)  # (an unstacked key's one index is ())
             and len(info.chunks) == len(names)
             and all(sizes[0] == 1 and tuple(sizes[1:]) == tuple(info.shape[1:]) for _, sizes in info.chunks))
 

@@ -168,7 +168,6 @@ class MoDSERouter(TopKRouter):
         self.granularity = granularity
         self.random_seed = int(random_seed)
         self._slots = slots
-        self._defer_expert_bias = False
         self._is_identity = slots == list(range(num_experts))
         super().__init__(config=config, pg_collection=pg_collection)
         device = self.weight.device
@@ -270,13 +269,11 @@ class MoDSERouter(TopKRouter):
         masking multiplies the same probs in either order."""
         config = self.config
         capacity_factor = config.moe_expert_capacity_factor
-        self._defer_expert_bias = True
         config.moe_expert_capacity_factor = None
         try:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         finally:
             config.moe_expert_capacity_factor = capacity_factor
-            self._defer_expert_bias = False
         padding_mask_T = None if padding_mask is None else padding_mask.reshape(-1)
         self._count_routed_tokens(routing_map, padding_mask_T)
         if capacity_factor is not None:
@@ -288,13 +285,12 @@ class MoDSERouter(TopKRouter):
                 drop_policy=config.moe_token_drop_policy,
                 pad_to_capacity=config.moe_pad_expert_input_to_capacity,
             )
-        super()._apply_expert_bias(routing_map, padding_mask=padding_mask_T)
+        TopKRouter._apply_expert_bias(self, routing_map, padding_mask=padding_mask_T)
         return probs, routing_map
 
     def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Skipped inside megatron's routing: :meth:`routing` applies it after capacity dropping."""
-        if not self._defer_expert_bias:
-            super()._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        """Nothing where megatron's routing calls it (its only caller, router.py:629): :meth:`routing`
+        applies ``TopKRouter._apply_expert_bias`` itself, after capacity dropping."""
 
     # ------------------------------------------------------------------ statistics
     def _count_routed_tokens(self, map_TE: torch.Tensor, padding_mask_T: Optional[torch.Tensor]) -> None:

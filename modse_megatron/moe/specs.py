@@ -24,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from ..config import MoDSEConfig
-from ..platform.megatron_0_16.norm import with_sequence_parallel_norms
+from ..platform.megatron_0_16.norm import norms_for_sequence_parallel
 from .layer import modse_moe_submodules
 
 BACKENDS = ("local", "te")
@@ -88,7 +88,7 @@ def get_modse_gpt_layer_spec(
         spec = get_gpt_layer_with_transformer_engine_spec(**common)
     else:
         spec = get_gpt_layer_local_spec(normalization=normalization or tc.normalization, **common)
-    return _local_norms_for_sequence_parallel(modse_layer_spec(spec, modse_config, tc), tc, use_te)
+    return norms_for_sequence_parallel(modse_layer_spec(spec, modse_config, tc), tc)
 
 
 def get_modse_decoder_block_spec(
@@ -114,14 +114,7 @@ def get_modse_decoder_block_spec(
         pp_rank=pp_rank,
     )
     layer_specs = [modse_layer_spec(spec, modse_config, transformer_config) for spec in block.layer_specs]
-    return _local_norms_for_sequence_parallel(dataclasses.replace(block, layer_specs=layer_specs), transformer_config, use_te)
-
-
-def _local_norms_for_sequence_parallel(spec, transformer_config, use_te: bool):
-    """megatron's local specs build torch norms that refuse sequence parallelism; swap in ones
-    that support it (TE's norms do already). See :mod:`modse_megatron.platform.megatron_0_16.norm`."""
-    return with_sequence_parallel_norms(spec) if transformer_config.sequence_parallel and not use_te else spec
-
+    return norms_for_sequence_parallel(dataclasses.replace(block, layer_specs=layer_specs), transformer_config)
 
 __all__ = [
     "BACKENDS",

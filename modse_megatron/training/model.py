@@ -104,10 +104,9 @@ def build_model(args: PretrainArgs, config, vocab_size: int):
                                               normalization=config.normalization)
         else:
             spec = get_gpt_layer_local_spec(normalization=config.normalization)
-        if config.sequence_parallel and backend == "local":  # (the MoDSE specs do this themselves)
-            from modse_megatron.platform.megatron_0_16.norm import with_sequence_parallel_norms
+        from modse_megatron.platform.megatron_0_16.norm import norms_for_sequence_parallel
 
-            spec = with_sequence_parallel_norms(spec)
+        spec = norms_for_sequence_parallel(spec, config)  # (the MoDSE specs do this themselves)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -52,3 +52,10 @@ def with_sequence_parallel_norms(spec):
         return obj
 
     return swap(copy.deepcopy(spec))
+
+
+def norms_for_sequence_parallel(spec, config):
+    """``spec`` with norms that support sequence parallelism when ``config`` asks for it (only
+    megatron's local ``WrappedTorchNorm`` is swapped; TE's norms support it already), else
+    ``spec`` itself."""
+    return with_sequence_parallel_norms(spec) if config.sequence_parallel else spec
