@@ -22,7 +22,7 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
                     int num_ranks, int ranks_per_node, int balance, double bytes_per_param,
                     double move_slack, int exact_max_experts, int64_t exact_node_budget,
                     int num_threads, int num_replicas, bool joint_counts, bool stack_copies,
-                    int num_groups) {
+                    int num_groups, double max_move_fraction) {
   if (loads.ndim() != 2)
     mp::fail("loads must be a 2-D array [layers, experts], got " + std::to_string(loads.ndim()) +
              "-D");
@@ -49,6 +49,7 @@ py::dict plan_batch(DoubleArray sizes, DoubleArray loads, std::optional<IntArray
   o.balance = static_cast<mp::Balance>(balance);
   o.bytes_per_param = bytes_per_param;
   o.move_slack = move_slack;
+  o.max_move_fraction = max_move_fraction;
   o.exact_max_experts = exact_max_experts;
   o.exact_node_budget = exact_node_budget;
   o.num_replicas = num_replicas;
@@ -132,7 +133,7 @@ PYBIND11_MODULE(_planner, m) {
         py::arg("bytes_per_param"), py::arg("move_slack"), py::arg("exact_max_experts"),
         py::arg("exact_node_budget"), py::arg("num_threads"), py::arg("num_replicas") = 0,
         py::arg("joint_counts") = true, py::arg("stack_copies") = false,
-        py::arg("num_groups") = 0,
+        py::arg("num_groups") = 0, py::arg("max_move_fraction") = 1.0,
         "Plan many layers; returns a dict of numpy arrays (see plan.py).");
   m.def(
       "cardinality_lower_bound",

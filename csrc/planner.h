@@ -134,26 +134,45 @@ struct Layer {
     return c;
   }
 
-  // Swap descent from the previous placement, if that placement is a valid plan here.
+  // Sizes this plan may move from `previous` (max_move_fraction of the layer; inf = no limit).
+  double move_budget() const {
+    if (!previous || o.max_move_fraction >= 1.0) return std::numeric_limits<double>::infinity();
+    double total = 0.0;
+    for (double x : s) total += x;
+    return o.max_move_fraction * total;
+  }
+
+  // Swap descent from the previous placement, if that placement is a valid plan here.  Under a
+  // move budget only exchanges that keep within it are taken, and no three-bin re-splits.
   bool warm(double lb, Candidate& c) const {
     if (!previous) return false;
     std::vector<int> prev(previous, previous + n);
     if (!counts_are(prev, R, k)) return false;
     if (paired && !bins_are_pairs(s, prev, R, k, ps.pair_sum)) return false;
     Bins bins(w, prev, R, k);
+    const double budget = move_budget();
+    if (budget < std::numeric_limits<double>::infinity()) bins.set_budget(previous, &s, budget);
     const double target = lb * (1.0 + o.good_enough);
-    c.value = paired ? paired_improve(w, s, ps, bins, target, max_iters)
-                     : swap_descent(w, bins, target, max_iters);
+    c.value = !paired    ? swap_descent(w, bins, target, max_iters)
+              : bins.home ? paired_descent(w, s, ps, bins, target, max_iters)
+                          : paired_improve(w, s, ps, bins, target, max_iters);
     c.bin_of = bins.bin_of;
     c.method = Method::kPrevious;
     return true;
   }
 
-  // Node stage, rank labels and all reported numbers for one candidate.
-  LayerPlan finish(Candidate c) const {
+  // Node stage, rank labels and all reported numbers for one candidate.  keep_bins (a warm
+  // candidate under a move budget whose node stage or relabelling moved too much): no node
+  // stage, bin b stays on rank b.
+  LayerPlan finish(Candidate c, bool keep_bins = false) const {
     LayerPlan p;
     std::vector<int> node_of_bin(R, 0);
-    if (N > 1) {
+    if (keep_bins) {
+      for (int b = 0; b < R; ++b) node_of_bin[b] = b / g;
+      p.node_inflow_bound = N > 1 ? cardinality_lower_bound(t, N, k * g) : 0.0;
+      if (N == 1)
+        for (double x : t) p.node_inflow_bound += x;
+    } else if (N > 1) {
       std::vector<double> bin_inflow = bin_sums(t, c.bin_of, R);
       std::vector<int> initial(R);
       for (int b = 0; b < R; ++b) initial[b] = b / g;  // a warm candidate's bins are old ranks
@@ -166,7 +185,11 @@ struct Layer {
     } else {
       for (double x : t) p.node_inflow_bound += x;
     }
-    const std::vector<int> rank_of_bin = relabel_bins(c.bin_of, node_of_bin, s, previous, R, g);
+    std::vector<int> rank_of_bin(R);
+    if (keep_bins)
+      std::iota(rank_of_bin.begin(), rank_of_bin.end(), 0);
+    else
+      rank_of_bin = relabel_bins(c.bin_of, node_of_bin, s, previous, R, g);
     std::vector<int> rank_of_item(n);
     for (int i = 0; i < n; ++i) {
       assert(c.bin_of[i] >= 0 && c.bin_of[i] < R);
@@ -406,14 +429,26 @@ inline LayerPlan solve_layer(const double* sizes, const double* loads, const int
   detail::Candidate warm;
   if (layer.warm(lb, warm)) candidates.push_back(std::move(warm));
 
-  double best_value = candidates[0].value;
-  for (const auto& c : candidates) best_value = std::min(best_value, c.value);
+  // Finished plans within the move budget (the warm one always is: its descent kept to it, and
+  // without node stage and relabelling it moves nothing else).  If `previous` is not a valid plan
+  // here (no warm candidate) no plan may be within it: then the budget is not applied.
+  const double budget = layer.move_budget() * o.bytes_per_param;
+  auto within = [&](const LayerPlan& p) { return p.moved_bytes <= budget * (1.0 + 1e-12); };
+  std::vector<LayerPlan> plans;
+  for (const auto& c : candidates) {
+    LayerPlan p = layer.finish(c);
+    if (!within(p) && c.method == Method::kPrevious) p = layer.finish(c, true);
+    plans.push_back(std::move(p));
+  }
+  const bool any_within = std::any_of(plans.begin(), plans.end(), within);
+  double best_value = std::numeric_limits<double>::infinity();
+  for (const auto& p : plans)
+    if (!any_within || within(p)) best_value = std::min(best_value, p.max_compute);
   const double accept = best_value * (1.0 + o.move_slack) + eps_of(best_value);
   LayerPlan best;
   bool have = false;
-  for (const auto& c : candidates) {
-    if (c.value > accept) continue;
-    LayerPlan p = layer.finish(c);
+  for (auto& p : plans) {
+    if ((any_within && !within(p)) || (any_within && p.max_compute > accept)) continue;
     const bool better = !have || p.moved_bytes < best.moved_bytes ||
                         (p.moved_bytes == best.moved_bytes && p.max_compute < best.max_compute);
     if (better) {

@@ -82,6 +82,9 @@ struct Options {
   int64_t exact_node_budget = 400000;  // nodes before branch and bound gives up (not a proof)
   double bytes_per_param = 1.0;        // moved_bytes = sum of sizes * bytes_per_param
   double move_slack = 0.0;             // accept a plan this much (relative) worse to move less
+  // With `previous`: a plan moves at most this share of the layer's expert bytes (planner.h:
+  // the descent from `previous` takes only moves that keep within it); 1 = no limit.
+  double max_move_fraction = 1.0;
   // Local search stops within this relative distance of the lower bound: the last 0.01% costs
   // most of the iterations on near-uniform layers and is far below measurement noise.
   double good_enough = 1e-4;
@@ -177,6 +180,10 @@ inline void validate_options(int n, const Options& o) {
     fail("bytes_per_param=" + num_str(o.bytes_per_param) + " must be a positive finite number");
   if (!(o.move_slack >= 0.0) || !std::isfinite(o.move_slack))
     fail("move_slack=" + num_str(o.move_slack) + " must be a finite number >= 0");
+  if (!(o.max_move_fraction >= 0.0 && o.max_move_fraction <= 1.0))
+    fail("max_move_fraction=" + num_str(o.max_move_fraction) +
+         " must be in [0, 1]: the largest share of a layer's expert bytes a re-plan may move "
+         "(1 = no limit)");
   if (o.exact_max_experts < 0 || o.exact_max_experts > kExactMaxExpertsCap)
     fail("exact_max_experts=" + std::to_string(o.exact_max_experts) + " must be in [0, " +
          std::to_string(kExactMaxExpertsCap) + "]: branch and bound recurses once per expert, " +

@@ -43,6 +43,34 @@ struct Bins {
     }
   }
 
+  // Move budget (planner.h, warm start from `previous` with max_move_fraction < 1): `moved` is
+  // the size of the items off their home bin; exchanges that would take it above `budget` are
+  // not taken (scan_exchanges, paired_descent).  Off while home is null.
+  const int* home = nullptr;
+  const std::vector<double>* size = nullptr;
+  double moved = 0.0, budget = 0.0;
+
+  void set_budget(const int* home_bin, const std::vector<double>* sizes, double limit) {
+    home = home_bin;
+    size = sizes;
+    budget = limit;
+    moved = 0.0;
+    for (size_t i = 0; i < bin_of.size(); ++i)
+      if (bin_of[i] != home[i]) moved += (*size)[i];
+  }
+  // Change of `moved` when item x goes to bin `to`.
+  double move_cost(int x, int to) const {
+    return (*size)[x] * ((to != home[x] ? 1.0 : 0.0) - (bin_of[x] != home[x] ? 1.0 : 0.0));
+  }
+  bool affordable(double extra) const { return moved + extra <= budget * (1.0 + 1e-12); }
+  bool affordable(int x, int y) const {
+    return !home || affordable(move_cost(x, bin_of[y]) + move_cost(y, bin_of[x]));
+  }
+  bool affordable(int x1, int x2, int y1, int y2) const {
+    return !home || affordable(move_cost(x1, bin_of[y1]) + move_cost(x2, bin_of[y1]) +
+                               move_cost(y1, bin_of[x1]) + move_cost(y2, bin_of[x1]));
+  }
+
   int heaviest() const {
     return static_cast<int>(std::max_element(load.begin(), load.end()) - load.begin());
   }
@@ -54,6 +82,7 @@ struct Bins {
     assert(items[static_cast<size_t>(ba) * k + slot_of[a]] == a);
     assert(items[static_cast<size_t>(bb) * k + slot_of[b]] == b);
     const double d = w[a] - w[b];
+    if (home) moved += move_cost(a, bb) + move_cost(b, ba);
     load[ba] -= d;
     load[bb] += d;
     std::swap(items[static_cast<size_t>(ba) * k + slot_of[a]],
@@ -186,13 +215,14 @@ bool balance_sweep(const std::vector<double>& w, Bins& bins, Scan&& scan, AfterM
   return moved;
 }
 
-// Heaviest-bin descent; when stuck, a balancing sweep and descent again, for a few rounds.
+// Heaviest-bin descent; when stuck, a balancing sweep and descent again, for a few rounds (not
+// under a move budget: sweeps spend moves without lowering the heaviest bin).
 template <class Scan, class AfterMove>
 double descend(const std::vector<double>& w, Bins& bins, double target, int max_iters, Scan&& scan,
                AfterMove&& after_move) {
-  constexpr int kRounds = 4;
+  const int rounds = bins.home ? 0 : 4;
   double value = descend_heaviest(w, bins, target, max_iters, scan, after_move);
-  for (int round = 0; round < kRounds && value > target + eps_of(target); ++round) {
+  for (int round = 0; round < rounds && value > target + eps_of(target); ++round) {
     if (!balance_sweep(w, bins, scan, after_move)) break;
     const double next = descend_heaviest(w, bins, target, max_iters, scan, after_move);
     const bool progress = next < value - eps_of(value);
@@ -216,7 +246,8 @@ void scan_exchanges(const std::vector<double>& w, const Bins& bins, int h, int r
     for (int i = 0; i < k; ++i)
       for (int j = 0; j < k; ++j) {
         const double d = w[x[i]] - w[y[j]];
-        if (mv.worth(d) && single_ok(x[i], y[j])) mv.take(d, x[i], y[j]);
+        if (mv.worth(d) && single_ok(x[i], y[j]) && bins.affordable(x[i], y[j]))
+          mv.take(d, x[i], y[j]);
       }
     return;
   }
@@ -226,7 +257,8 @@ void scan_exchanges(const std::vector<double>& w, const Bins& bins, int h, int r
       for (int j1 = 0; j1 < k; ++j1)
         for (int j2 = j1 + 1; j2 < k; ++j2) {
           const double d = out - w[y[j1]] - w[y[j2]];
-          if (mv.worth(d) && double_ok(x[i1], x[i2], y[j1], y[j2]))
+          if (mv.worth(d) && double_ok(x[i1], x[i2], y[j1], y[j2]) &&
+              bins.affordable(x[i1], x[i2], y[j1], y[j2]))
             mv.take(d, x[i1], y[j1], x[i2], y[j2]);
         }
     }

@@ -176,7 +176,8 @@ inline double paired_descent(const std::vector<double>& w, const std::vector<dou
     }
     for (const Pair& p : pairs[h])
       for (const Pair& q : pairs[r])
-        if (mv.worth(p.w - q.w) && distinct_after_double(bins, expert_of, p.a, p.b, q.a, q.b))
+        if (mv.worth(p.w - q.w) && distinct_after_double(bins, expert_of, p.a, p.b, q.a, q.b) &&
+            bins.affordable(p.a, p.b, q.a, q.b))
           mv.take(p.w - q.w, p.a, q.a, p.b, q.b);
   };
   auto after_move = [&](int h, int r) {

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept up to this fraction more max compute to move fewer bytes "
         f"(default {DEFAULTS.move_slack:g})",
     )
+    p.add_argument(
+        "--max-move-fraction", type=float, default=DEFAULTS.max_move_fraction, metavar="F",
+        help="with --previous: move at most this share of each layer's expert bytes "
+        f"(default {DEFAULTS.max_move_fraction:g}: no limit)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--details", action="store_true", help="rank tables for every layer")
     return p
@@ -187,7 +192,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[float], BatchPlacementPlan]:
         loads = None
     previous = None if args.previous is None else _ints(args.previous, "--previous")
     options = PlanOptions(balance=args.balance, bytes_per_param=args.bytes_per_param,
-                          move_slack=args.move_slack, num_replicas=args.replicas,
+                          move_slack=args.move_slack, max_move_fraction=args.max_move_fraction,
+                          num_replicas=args.replicas,
                           joint_counts=args.joint_counts, stack_copies=args.stack_copies,
                           num_groups=args.groups)
     batch = plan_placement_batch(sizes, loads, args.ranks, args.ranks_per_node, previous,

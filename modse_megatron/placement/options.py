@@ -38,6 +38,11 @@ class PlanOptions:
     move_slack: float = 0.0
     """Accept a plan up to this fraction worse in max compute if it moves fewer bytes from
     ``previous`` (0: only exact ties)."""
+    max_move_fraction: float = 1.0
+    """With ``previous``: the plan moves at most this share of each layer's expert bytes (the
+    descent from ``previous`` only takes exchanges that stay within it; repeated re-plans keep
+    converging a little at a time).  1 = no limit.  Ignored when ``previous`` is not itself a
+    valid plan under these options."""
     exact_max_experts: int = 16
     """Run branch and bound on layers with at most this many experts (0 to
     ``EXACT_MAX_EXPERTS_CAP``)."""
@@ -77,6 +82,9 @@ class PlanOptions:
             )
         if not (_number(self.move_slack) and self.move_slack >= 0):
             raise ValueError(f"move_slack={self.move_slack!r} must be a number >= 0")
+        if not (_number(self.max_move_fraction) and 0 <= self.max_move_fraction <= 1):
+            raise ValueError(f"max_move_fraction={self.max_move_fraction!r} must be a number in [0, 1] "
+                             f"(the largest share of a layer's expert bytes a plan may move; 1 = no limit)")
         self._set_int("exact_max_experts", EXACT_MAX_EXPERTS_CAP,
                       "branch and bound recurses once per expert; larger layers exhaust "
                       "exact_node_budget first")

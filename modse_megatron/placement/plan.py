@@ -21,6 +21,8 @@ independent) the planner assigns each of ``n`` experts to one of ``R`` ranks, ex
 4. **moves** — with ``previous``, among equally good plans (within ``move_slack``) the one that
    moves the fewest bytes; ``moved_bytes = sum(sizes[e] * bytes_per_param)`` over experts whose
    rank changed (so pass parameter counts as sizes to get bytes; 0 without ``previous``).
+   ``max_move_fraction < 1`` is a hard budget: the plan moves at most that share of the layer's
+   bytes (the descent from ``previous`` only takes exchanges within it).
 
 Every plan reports ``lower_bound`` (proven: no valid plan of the same problem is better),
 ``gap`` (percent above it) and ``optimal``.  In paired mode "the same problem" is the paired
@@ -369,9 +371,9 @@ def plan_placement_batch(
         previous: ``[n]`` (all layers) or ``[L, n]`` rank of each expert in the current
             placement; the new plan moves the fewest bytes among equally good plans.
         options: a ``PlanOptions`` (default ``PlanOptions()``): ``balance``,
-            ``bytes_per_param``, ``move_slack``, ``exact_max_experts``, ``exact_node_budget``,
-            ``num_threads``, ``num_replicas``, ``joint_counts``, ``stack_copies``,
-            ``num_groups``; their meaning and defaults are documented there.
+            ``bytes_per_param``, ``move_slack``, ``max_move_fraction``, ``exact_max_experts``,
+            ``exact_node_budget``, ``num_threads``, ``num_replicas``, ``joint_counts``,
+            ``stack_copies``, ``num_groups``; their meaning and defaults are documented there.
         **overrides: any ``PlanOptions`` field as a keyword (e.g. ``balance="compute"``),
             replacing that field of ``options``.
     """
@@ -404,7 +406,7 @@ def plan_placement_batch(
         R, 0 if ranks_per_node is None else g, BALANCE_MODES.index(opts.balance),
         float(opts.bytes_per_param), float(opts.move_slack), opts.exact_max_experts,
         opts.exact_node_budget, opts.num_threads, opts.num_replicas, opts.joint_counts,
-        opts.stack_copies, opts.num_groups,
+        opts.stack_copies, opts.num_groups, float(opts.max_move_fraction),
     )
     lb, mx = out["lower_bound"], out["max_compute"]
     gap = np.zeros_like(lb)

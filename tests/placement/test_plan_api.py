@@ -164,7 +164,7 @@ def test_plan_options_and_keywords_are_one_set():
     assert batch[0] == by_options
     assert PlanOptions(num_replicas=np.int64(2)).num_replicas == 2  # numpy ints are plain ints
     fields = {f.name for f in dataclasses.fields(PlanOptions)}
-    assert fields == {"balance", "bytes_per_param", "move_slack", "exact_max_experts",
+    assert fields == {"balance", "bytes_per_param", "move_slack", "max_move_fraction", "exact_max_experts",
                       "exact_node_budget", "num_threads", "num_replicas", "joint_counts",
                       "stack_copies", "num_groups"}
     with pytest.raises(TypeError, match="unexpected keyword argument 'slack'"):
@@ -247,6 +247,36 @@ def test_move_slack_trades_compute_for_fewer_moves():
     assert loose.rank_of_expert != strict.rank_of_expert
     tight = plan_placement(sizes, loads, 8, previous=previous, move_slack=1e-4)
     assert tight == strict  # the slack must cover the 0.2%
+
+
+def test_move_budget_caps_the_bytes_a_plan_moves():
+    """max_move_fraction is a hard budget: from a plan made for other loads, the plan for new
+    loads moves at most that share of the bytes, is still paired (equal memory), improves on
+    staying put when the budget allows a move, and 1 is the unbudgeted plan."""
+    rng = np.random.default_rng(5)
+    sizes = widths_from_ratios(MODSE, 256, repeat=16)  # 128 experts, 16 ranks
+    old = plan_placement(sizes, rng.lognormal(size=128), 16)
+    loads = rng.lognormal(size=128) * rng.zipf(2.0, size=128)
+    stay = max(np.bincount(old.rank_of_expert, weights=np.array(sizes) * loads, minlength=16))
+    free = plan_placement(sizes, loads, 16, previous=old.rank_of_expert, bytes_per_param=2)
+    assert free == plan_placement(sizes, loads, 16, previous=old.rank_of_expert, bytes_per_param=2,
+                                  max_move_fraction=1.0)
+    total = 2 * sum(sizes)
+    assert free.moved_bytes > 0.3 * total  # unbudgeted, this re-plan moves a lot
+    last = free.max_compute
+    for fraction in (0.2, 0.1, 0.05, 0.0):
+        plan = plan_placement(sizes, loads, 16, previous=old.rank_of_expert, bytes_per_param=2,
+                              max_move_fraction=fraction)
+        assert plan.moved_bytes <= fraction * total
+        assert plan.paired and plan.memory_balanced
+        assert plan.max_compute <= stay
+        assert plan.max_compute >= last * (1 - 1e-12)  # less budget, never a better plan here
+        last = plan.max_compute
+        if fraction > 0:
+            assert plan.max_compute < 0.95 * stay and plan.method == "previous"
+    assert plan.rank_of_expert == old.rank_of_expert  # budget 0: nothing moves
+    with pytest.raises(ValueError, match=r"max_move_fraction=1.5 must be a number in \[0, 1\]"):
+        PlanOptions(max_move_fraction=1.5)
 
 
 def test_hierarchy_balances_nodes_without_hurting_compute():

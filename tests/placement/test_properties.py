@@ -210,3 +210,24 @@ def test_paired_outlier_gets_its_cheapest_bin():
     assert plan.paired and plan.optimal
     assert plan.max_compute == pytest.approx(plan.lower_bound, rel=1e-9)
     assert len(set(plan.memory_per_rank)) == 1
+
+
+@SETTINGS
+@given(instances(max_n=16), st.integers(0, 2**32 - 1), st.floats(0.0, 1.0), st.booleans())
+def test_move_budget_is_kept_and_never_worse_than_staying(inst, seed, fraction, nodes):
+    """From any valid plan, a budgeted re-plan moves at most max_move_fraction of the bytes,
+    keeps the expert counts (and pairs, when the old plan has them) and is never worse than
+    staying, also with a node hierarchy (whose stage may not spend the budget)."""
+    sizes, loads, R = inst
+    rng = np.random.default_rng(seed)
+    g = R // 2 if nodes and R % 2 == 0 and R >= 4 else None
+    old = plan_placement(sizes, rng.lognormal(size=len(sizes)).tolist(), R)
+    plan = plan_placement(sizes, loads, R, g, previous=old.rank_of_expert, bytes_per_param=3,
+                          max_move_fraction=fraction)
+    _check_valid(plan, len(sizes), R)
+    assert plan.moved_bytes <= fraction * 3 * sum(sizes) * (1 + 1e-12)
+    if old.paired:
+        assert plan.paired and max(plan.memory_per_rank) == min(plan.memory_per_rank)
+    w = np.array(sizes) * np.array(loads)
+    stay = max(np.bincount(old.rank_of_expert, weights=w, minlength=R))
+    assert plan.max_compute <= stay * (1 + REL) + 1e-12
