@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from .placement.layout import placement_ranks
+from .placement.layout import layer_specs, placement_ranks
 from .placement.sizes import parse_ratio_pairs
 
 #: Named expert-size layouts. "paper8" is the 8-expert layout of MoDSE (arXiv 2409.12210):
@@ -72,12 +72,14 @@ class MoDSEConfig:
 
     moe_expert_placement: str = field(
         default="auto",
-        metadata={"help": "Expert->EP-rank placement: auto (planner), pairs, contiguous, or a comma list of ranks per expert."},
+        metadata={"help": "Expert->EP-rank placement: auto (planner), pairs, contiguous, a comma list of ranks per expert, "
+                          "or one such list per MoE layer separated by ';'."},
     )
     """``auto`` = the C++ placement planner (``modse_megatron.placement``; validation stops with
     one line naming the fix when it is not built); ``pairs`` = sort by width and pair largest
     with smallest so every rank holds equal parameters; ``contiguous`` = megatron's default
-    blocks; or ``"0,1,1,0"`` = the rank of every expert (``placement.layout``)."""
+    blocks; ``"0,1,1,0"`` = the rank of every expert; ``"0,1,1,0;1,0,1,0"`` = one list per MoE
+    layer, in model order (re-planning writes these) (``placement.layout``)."""
 
     moe_router_type: str = field(
         default="learned",
@@ -137,6 +139,7 @@ class MoDSEConfig:
             )
         widths = self.expert_widths(transformer_config)
         ep = transformer_config.expert_model_parallel_size
+        layer_specs(self.moe_expert_placement, len(moe_layer_indices(transformer_config)))  # one, or one per layer
         placement_ranks(self.moe_expert_placement, len(widths), ep)  # raises on a bad list
         if self.moe_expert_placement == "auto" and ep > 1:  # the planner places the experts
             from .placement import planner_unavailable_reason
@@ -184,6 +187,18 @@ class MoDSEConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+def moe_layer_indices(transformer_config: Any) -> list[int]:
+    """0-based indices of the MoE layers from ``moe_layer_freq`` (as megatron's
+    ``get_gpt_decoder_layer_specs``: int n = every n-th layer from 0; list = 1/0 per layer)."""
+    tc = transformer_config
+    freq = getattr(tc, "moe_layer_freq", 1)
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq > 0:
+        return [i for i in range(tc.num_layers) if i % freq == 0]
+    if isinstance(freq, (list, tuple)) and len(freq) == tc.num_layers:
+        return [i for i, is_moe in enumerate(freq) if is_moe]
+    raise ValueError(f"moe_layer_freq={freq!r} is not a positive int or a 0/1 list of num_layers={tc.num_layers} entries")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid: use one of {', '.join(choices)}")

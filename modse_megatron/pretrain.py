@@ -187,7 +187,7 @@ def _train(args: PretrainArgs, layout: dict[str, int], lock, lock_message: str |
                             plot=args.run.loss_plot)
     trainer = Trainer(args, layout, config, ddp, optimizer, scheduler, datasets, metrics, state,
                       heartbeat=lock.heartbeat if lock else None, watch=_WATCH)
-    if args.run.moe_replan_interval:
+    if loads is not None:  # loads and imbalance logged; re-planning with --moe-replan-interval
         trainer.replanner = _replanner(args, config, vocab_rows, trainer, metrics, loads, tokenizer)
     for message in (lock_message, replan_message):
         if message:
@@ -244,15 +244,23 @@ def _save_meta(args: PretrainArgs, trainer, tokenizer) -> dict:
     return meta
 
 
+def _tracks_placement(args: PretrainArgs) -> bool:
+    """MoDSE experts over several EP ranks: loads and compute imbalance are logged (and
+    re-planned from with --moe-replan-interval)."""
+    return bool(args.model.num_experts) and args.model.moe_layer_impl == "modse" and \
+        args.parallel.expert_model_parallel_size > 1
+
+
 def _replan_at_load(args: PretrainArgs):
-    """With --moe-replan-interval, resume with a placement planned for the loads the
-    checkpoint recorded (the checkpoint itself is placement-free). Returns (loads, message)."""
-    from modse_megatron.moe.replan import LoadStats, propose
-    from modse_megatron.placement.layout import resolve_ranks
+    """The per-layer load statistics a resumed checkpoint recorded; with --moe-replan-interval,
+    resume with placements planned for them (the checkpoint itself is placement-free).
+    Returns (loads, message); loads is None for runs without placement tracking."""
+    from modse_megatron.moe.replan import LoadStats, propose_layers
+    from modse_megatron.placement.layout import format_layer_ranks, resolve_layer_ranks
     from modse_megatron.training import checkpointing
 
     r = args.run
-    if not r.moe_replan_interval:
+    if not _tracks_placement(args):
         return None, None
     loads = LoadStats(args.model.num_experts, r.moe_replan_ema_decay)
     if not r.load or r.finetune or checkpointing.latest_iteration(r.load) is None:
@@ -261,17 +269,19 @@ def _replan_at_load(args: PretrainArgs):
 
     meta = safe_load.load_common(checkpointing.iteration_dir(r.load, checkpointing.latest_iteration(r.load))).get("meta", {})
     loads = LoadStats.from_state(meta.get("replan_loads"), args.model.num_experts, r.moe_replan_ema_decay)
-    if not loads.ema:
+    if not loads.layers or not r.moe_replan_interval:
         return loads, None
-    widths, ep = args.expert_widths(), args.parallel.expert_model_parallel_size
-    current = resolve_ranks(args.modse.moe_expert_placement, widths, ep)
-    proposal = propose(widths, loads.ema, ep, current, policy="planner", min_gain=r.moe_replan_min_gain,
-                       move_slack=r.moe_replan_move_slack)
-    if not proposal.migrate:
+    widths, ep, layers = args.expert_widths(), args.parallel.expert_model_parallel_size, args.moe_layer_numbers()
+    current = resolve_layer_ranks(args.modse.moe_expert_placement, widths, ep, len(layers))
+    proposals = propose_layers(widths, [loads.layers.get(str(n)) for n in layers], ep, current, policy="planner",
+                               min_gain=r.moe_replan_min_gain, move_slack=r.moe_replan_move_slack,
+                               max_move_fraction=r.moe_replan_max_move)
+    if not proposals.migrate:
         return loads, None
-    args.modse.moe_expert_placement = ",".join(map(str, proposal.ranks))
-    return loads, (f"placement re-planned from the checkpoint's loads ({proposal.moved_experts} experts moved, compute "
-                   f"max/mean {proposal.before:.3f} -> {proposal.after:.3f})")
+    args.modse.moe_expert_placement = format_layer_ranks(proposals.ranks)
+    moved = sum(p.moved_experts for p in proposals.changed.values())
+    return loads, (f"placement re-planned from the checkpoint's loads ({len(proposals.changed)} MoE layer(s), {moved} "
+                   f"experts moved)")
 
 
 def _replanner(args: PretrainArgs, config, vocab_rows: int, trainer, metrics, loads, tokenizer):
@@ -279,18 +289,18 @@ def _replanner(args: PretrainArgs, config, vocab_rows: int, trainer, metrics, lo
     load it back (see modse_megatron.training.replanning)."""
     import torch.distributed as dist
 
-    from modse_megatron.placement.layout import resolve_ranks
+    from modse_megatron.placement.layout import format_layer_ranks, resolve_layer_ranks
     from modse_megatron.training import checkpointing, replanning
     from modse_megatron.training.model import build_model, wrap_and_optimize
 
-    def migrate(ranks: list[int]) -> None:
+    def migrate(ranks: list[list[int]]) -> None:
         root = replanning.migration_dir(args)
         if dist.get_rank() == 0:
             replanning.clear_migration_dir(root)
         dist.barrier()
         checkpointing.save_checkpoint(str(root), trainer.state.iteration, trainer.ddp, trainer.optimizer,
                                       trainer.scheduler, _save_meta(args, trainer, tokenizer))
-        args.modse.moe_expert_placement = ",".join(map(str, ranks))
+        args.modse.moe_expert_placement = format_layer_ranks(ranks)
         ddp, optimizer, scheduler = wrap_and_optimize(args, config, build_model(args, config, vocab_rows))
         checkpointing.load_checkpoint(str(root), ddp, optimizer, scheduler, verify=False)
         trainer.swap(ddp, optimizer, scheduler)
@@ -298,11 +308,10 @@ def _replanner(args: PretrainArgs, config, vocab_rows: int, trainer, metrics, lo
         if dist.get_rank() == 0:
             replanning.clear_migration_dir(root)
 
-    widths, ep = args.expert_widths(), args.parallel.expert_model_parallel_size
-    ranks = resolve_ranks(args.modse.moe_expert_placement, widths, ep)
-    moe_layers = len([i for i in range(args.model.num_layers) if i % args.model.moe_layer_freq == 0])
+    widths, ep, layers = args.expert_widths(), args.parallel.expert_model_parallel_size, args.moe_layer_numbers()
+    ranks = resolve_layer_ranks(args.modse.moe_expert_placement, widths, ep, len(layers))
     bytes_per_param = (2 if args.model.bf16 else 4) + 8 + (4 if args.model.bf16 else 0)  # weight, 2 moments, fp32 main
-    return replanning.Replanner(args, widths, ep, ranks, loads, migrate, metrics, moe_layers, bytes_per_param)
+    return replanning.Replanner(args, widths, ep, ranks, layers, loads, migrate, metrics, bytes_per_param)
 
 
 def _same_dir(a: str | None, b: str | None) -> bool:

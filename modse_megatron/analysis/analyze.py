@@ -365,11 +365,13 @@ def _tokenizer(path: Optional[str]):
     return load_tokenizer(path)
 
 
-def _placement(inputs: Inputs, skipped: dict[str, str]) -> Optional[list[int]]:
+def _placement(inputs: Inputs, skipped: dict[str, str]) -> Optional[dict[str, list[int]]]:
+    """The EP rank of every logical expert, per MoE layer (keyed like tokens_per_expert)."""
     from modse_megatron.checkpoint.describe import placement
 
     try:
-        return placement(inputs.run_args, inputs.ep)
+        per_layer = placement(inputs.run_args, inputs.ep)
+        return {str(n): ranks for n, ranks in zip(inputs.run_args.moe_layer_numbers(), per_layer)}
     except ImportError as err:
         skipped["rank_compute"] = f"the placement planner is not available ({err})"
         return None

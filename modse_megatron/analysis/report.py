@@ -218,12 +218,13 @@ def markdown(report: dict[str, Any]) -> str:
                               _f(v["max_over_mean"])] for name, v in section["layers"].items()])
     logged = rank.get("logged_by_training")
     if logged:
-        lines += ["", "## EP ranks' compute as training logged it (re-planning runs)", ""]
+        lines += ["", "## EP ranks' compute as training logged it (MoDSE runs with EP > 1)", ""]
         if logged["values"]:
             lines.append(f"max / mean per step: first {_f(logged['first'])}, last {_f(logged['last'])}, "
                          f"mean {_f(logged['mean'])} over {len(logged['values'])} steps.")
         for event in logged["replans"]:
-            lines.append(f"- iteration {event['iteration']}: re-planned to placement {event['placement']} "
+            which = "" if event.get("layer", "all") == "all" else f" layer {event['layer']}"
+            lines.append(f"- iteration {event['iteration']}: re-planned{which} to placement {event['placement']} "
                          f"({event['moved_experts']} experts moved)")
     spec = report.get("specialisation")
     if spec:

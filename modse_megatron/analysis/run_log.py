@@ -152,21 +152,26 @@ def rank_compute(counts: Sequence[float], widths: Sequence[int], ranks: Sequence
     return {"compute": per_rank, "max_over_mean": max(per_rank) / mean if mean > 0 else None}
 
 
-def rank_load(totals: dict[str, list[float]], widths: Sequence[int], ranks: Sequence[int], ep: int,
+def rank_load(totals: dict[str, list[float]], widths: Sequence[int], ranks: dict[str, list[int]], ep: int,
               source: str) -> dict[str, Any]:
-    """:func:`rank_compute` per layer and over all layers (they share one placement)."""
-    layers = {layer: rank_compute(c, widths, ranks, ep) for layer, c in totals.items()}
+    """:func:`rank_compute` per layer (each under its own placement, ``ranks[layer]``) and over all
+    layers (every rank's compute summed over the layers)."""
+    layers = {layer: rank_compute(c, widths, ranks[layer], ep) for layer, c in totals.items()}
     if totals:
-        layers[ALL] = rank_compute([sum(c[e] for c in totals.values()) for e in range(len(widths))], widths, ranks, ep)
-    return {"ep": ep, "placement": list(ranks), "source": source, "layers": layers}
+        per_rank = [sum(v["compute"][r] for v in layers.values()) for r in range(ep)]
+        mean = sum(per_rank) / ep
+        layers[ALL] = {"compute": per_rank, "max_over_mean": max(per_rank) / mean if mean > 0 else None}
+    distinct = {tuple(ranks[layer]) for layer in totals} or {tuple(next(iter(ranks.values()), []))}
+    placement: Any = list(distinct.pop()) if len(distinct) == 1 else {layer: list(ranks[layer]) for layer in totals}
+    return {"ep": ep, "placement": placement, "source": source, "layers": layers}
 
 
 def logged_imbalance(log: MetricsLog) -> Optional[dict[str, Any]]:
-    """The imbalance training itself logged (``compute_max_over_mean``, re-planning runs) and
+    """The imbalance training itself logged (``compute_max_over_mean``, MoDSE runs with EP > 1) and
     the placements of its re-planning events, or None when it logged none."""
     values = [(it, row["compute_max_over_mean"]) for it, row in sorted(log.train.items())
               if isinstance(row.get("compute_max_over_mean"), (int, float))]
-    replans = [{"iteration": e["iteration"], "placement": e.get("placement"),
+    replans = [{"iteration": e["iteration"], "layer": e.get("layer", "all"), "placement": e.get("placement"),
                 "moved_experts": e.get("moved_experts")} for e in log.events if e.get("event") == "replan"]
     if not values and not replans:
         return None

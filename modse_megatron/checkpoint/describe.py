@@ -55,10 +55,7 @@ def saved_args(reader: CheckpointReader):
 
 def moe_layers(args) -> list[int]:
     """0-based indices of the MoE layers (megatron's ``moe_layer_freq`` rule)."""
-    m = args.model
-    if not m.num_experts:
-        return []
-    return [i for i in range(m.num_layers) if i % m.moe_layer_freq == 0]
+    return [n - 1 for n in args.moe_layer_numbers()]
 
 
 def saved_layout(reader: CheckpointReader) -> dict[str, int]:
@@ -75,12 +72,13 @@ def saved_layout(reader: CheckpointReader) -> dict[str, int]:
     return layout
 
 
-def placement(args, ep: int) -> list[int]:
-    """EP rank of every logical expert under ``ep`` (the checkpoint's placement option)."""
-    from modse_megatron.placement.layout import resolve_ranks
+def placement(args, ep: int) -> list[list[int]]:
+    """EP rank of every logical expert of every MoE layer under ``ep`` (the checkpoint's
+    placement option; re-planned runs have one per layer)."""
+    from modse_megatron.placement.layout import resolve_layer_ranks
 
     widths = args.expert_widths()
-    return resolve_ranks(args.modse.moe_expert_placement, widths, ep) if widths else []
+    return resolve_layer_ranks(args.modse.moe_expert_placement, widths, ep, len(moe_layers(args))) if widths else []
 
 
 def _group_sizes(infos: dict[str, TensorInfo], keep) -> tuple[int, int]:
@@ -119,8 +117,9 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
             "router_type": args.modse.moe_router_type if m.num_experts else None,
             "vocab_size": _vocab_rows(infos), "bf16": m.bf16,
         },
-        "moe_layers": [{"layer": layer, "experts": [{"logical_id": e, "width": w, "rank": ranks[e] if ranks else 0}
-                                                    for e, w in enumerate(widths)]} for layer in moe_layers(args)],
+        "moe_layers": [{"layer": layer, "experts": [{"logical_id": e, "width": w, "rank": ranks[i][e] if ranks else 0}
+                                                    for e, w in enumerate(widths)]}
+                       for i, layer in enumerate(moe_layers(args))],
         "tensors": {"model": {"count": n_model, "bytes": b_model}, "optimizer": {"count": n_opt, "bytes": b_opt},
                     "total": {"count": len(infos), "bytes": sum(i.nbytes for i in infos.values())}},
         "optimizer": {"present": n_opt > 0, "format": formats[0] if len(formats) == 1 else (formats or None)},

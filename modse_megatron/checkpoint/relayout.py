@@ -28,8 +28,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _target_args(args, tp: int, pp: int, ep: int, etp: int | None, placement: str | None, dtype: str | None):
     from modse_megatron.training.arguments import ConfigError, validate
 
+    from modse_megatron.placement.layout import PLACEMENT_MODES
+
     target = copy.deepcopy(args)
     p = target.parallel
+    if not placement and ep != p.expert_model_parallel_size and target.modse.moe_expert_placement not in PLACEMENT_MODES:
+        placement = "auto"  # explicit (e.g. re-planned) ranks belong to the old EP size: plan for the new one
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
     p.expert_model_parallel_size, p.expert_tensor_parallel_size = ep, etp
     p.sequence_parallel = tp > 1 and (bool(target.model.num_experts) or p.sequence_parallel)

@@ -130,15 +130,13 @@ def export_config_from_gpt_model(
 
 # ----------------------------------------------------------------------------- pieces
 def moe_layer_pattern(transformer_config: Any) -> list[int]:
-    """0-based MoE layer indices from ``moe_layer_freq`` (as megatron's
-    ``get_gpt_decoder_block_spec``: int n = every n-th layer from 0; list = 1/0 per layer)."""
-    tc = transformer_config
-    freq = tc.moe_layer_freq
-    if isinstance(freq, int):
-        return [i for i in range(tc.num_layers) if i % freq == 0]
-    if isinstance(freq, (list, tuple)) and len(freq) == tc.num_layers:
-        return [i for i, is_moe in enumerate(freq) if is_moe]
-    raise ExportError(f"moe_layer_freq={freq!r} is not an int or a 0/1 list of num_layers={tc.num_layers} entries")
+    """0-based MoE layer indices from ``moe_layer_freq`` (:func:`modse_megatron.config.moe_layer_indices`)."""
+    from modse_megatron.config import moe_layer_indices
+
+    try:
+        return moe_layer_indices(transformer_config)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def _moe_config(tc: Any, modse_config: Any, expert_widths: Optional[Sequence[int]]) -> Optional[MoEExportConfig]:

@@ -27,8 +27,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..config import MoDSEConfig
-from ..placement.layout import check_slot_order, resolve_ranks, slot_order
+from ..config import MoDSEConfig, moe_layer_indices
+from ..placement.layout import check_slot_order, layer_specs, resolve_ranks, slot_order
 from . import te_experts
 from .experts import MoDSEExperts
 from .router import MoDSERouter
@@ -62,20 +62,22 @@ def modse_moe_submodules(
     *,
     expert_widths: Optional[Sequence[int]] = None,
     slot_to_logical: Optional[Sequence[int]] = None,
+    moe_layer: int = 0,
 ) -> tuple[MoESubmodules, list[int], list[int]]:
     """What megatron's ``MoELayer`` must build for a MoDSE layer: ``(submodules, widths, slots)``.
 
     ``submodules`` (e.g. megatron's, carrying the shared-expert spec) gets MoDSE experts (built
     with the placement; each EP rank takes its slots from ``pg_collection.ep``) and the MoDSE
     router. ``widths``: every logical expert's width; ``slots``: logical expert per physical
-    slot (from ``modse_config``'s placement for ``ep_size`` ranks unless given).
+    slot (from ``modse_config``'s placement of MoE layer ``moe_layer`` (0-based, in model order)
+    for ``ep_size`` ranks unless given).
     """
     num_experts = config.num_moe_experts
     widths = list(expert_widths) if expert_widths is not None else modse_config.expert_widths(config)
     if len(widths) != num_experts:
         raise ValueError(f"{len(widths)} expert widths for num_moe_experts={num_experts}: give one per expert")
     if slot_to_logical is None:
-        ranks = resolve_ranks(modse_config.moe_expert_placement, widths, ep_size)
+        ranks = resolve_ranks(modse_config.moe_expert_placement, widths, ep_size, moe_layer)
         slot_to_logical = slot_order(ranks, ep_size)
     slots = check_slot_order(slot_to_logical, num_experts)
     experts = ModuleSpec(
@@ -107,6 +109,9 @@ class MoDSEMoELayer(MoELayer):
         modse_config: MoDSE options (widths, placement, router variant, experts impl).
         expert_widths: override the widths resolved from ``modse_config`` (logical order).
         slot_to_logical: override the placement: logical expert in each physical slot.
+
+    With a per-layer ``moe_expert_placement`` the layer takes the list of its MoE layer
+    (``layer_number`` is 1-based over all layers, as megatron counts).
     """
 
     def __init__(
@@ -123,9 +128,12 @@ class MoDSEMoELayer(MoELayer):
         modse_config = modse_config if modse_config is not None else MoDSEConfig()
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
+        moe_layer = 0
+        if layer_number is not None and len(layer_specs(modse_config.moe_expert_placement)) > 1:
+            moe_layer = moe_layer_indices(config).index(layer_number - 1)
         submodules, widths, slots = modse_moe_submodules(
             config, modse_config, pg_collection.ep.size(), submodules,
-            expert_widths=expert_widths, slot_to_logical=slot_to_logical,
+            expert_widths=expert_widths, slot_to_logical=slot_to_logical, moe_layer=moe_layer,
         )
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
         self.modse_config = modse_config

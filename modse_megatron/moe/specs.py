@@ -20,10 +20,13 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from ..config import MoDSEConfig
+from ..config import MoDSEConfig, moe_layer_indices
+from ..placement.layout import layer_specs
 from ..platform.megatron_0_16.norm import norms_for_sequence_parallel
 from .layer import modse_moe_submodules
 
@@ -36,15 +39,15 @@ def _check_backend(backend: str) -> bool:
     return backend == "te"
 
 
-def modse_mlp_spec(moe_spec: ModuleSpec, modse_config: MoDSEConfig, transformer_config) -> ModuleSpec:
+def modse_mlp_spec(moe_spec: ModuleSpec, modse_config: MoDSEConfig, transformer_config, moe_layer: int = 0) -> ModuleSpec:
     """Turn megatron's ``MoELayer`` spec into a MoDSE one: still megatron's ``MoELayer`` (so its
     ``TransformerLayer`` passes the model's process groups), with MoDSE experts and router
-    (``modse_moe_submodules``; placement for ``expert_model_parallel_size`` ranks) and
-    megatron's shared-expert spec kept."""
+    (``modse_moe_submodules``; the placement of MoE layer ``moe_layer`` for
+    ``expert_model_parallel_size`` ranks) and megatron's shared-expert spec kept."""
     shared = moe_spec.submodules.shared_experts if moe_spec.submodules is not None else None
     submodules, _, _ = modse_moe_submodules(
         transformer_config, modse_config, transformer_config.expert_model_parallel_size,
-        MoESubmodules(shared_experts=shared),
+        MoESubmodules(shared_experts=shared), moe_layer=moe_layer,
     )
     return ModuleSpec(
         module=MoELayer,
@@ -54,12 +57,14 @@ def modse_mlp_spec(moe_spec: ModuleSpec, modse_config: MoDSEConfig, transformer_
     )
 
 
-def modse_layer_spec(layer_spec: ModuleSpec, modse_config: MoDSEConfig, transformer_config) -> ModuleSpec:
-    """A TransformerLayer spec with its MoE MLP (if any) turned into a MoDSE one."""
+def modse_layer_spec(layer_spec: ModuleSpec, modse_config: MoDSEConfig, transformer_config,
+                     moe_layer: int = 0) -> ModuleSpec:
+    """A TransformerLayer spec with its MoE MLP (if any) turned into a MoDSE one (MoE layer
+    ``moe_layer``, 0-based in model order, for a per-layer placement)."""
     mlp = layer_spec.submodules.mlp
     if not (isinstance(mlp, ModuleSpec) and mlp.module is MoELayer):
         return layer_spec  # dense layer: unchanged
-    mlp = modse_mlp_spec(mlp, modse_config, transformer_config)
+    mlp = modse_mlp_spec(mlp, modse_config, transformer_config, moe_layer)
     submodules = dataclasses.replace(layer_spec.submodules, mlp=mlp)
     return dataclasses.replace(layer_spec, submodules=submodules)
 
@@ -77,6 +82,9 @@ def get_modse_gpt_layer_spec(
     """
     use_te = _check_backend(backend)
     modse_config.validate(transformer_config)
+    if len(layer_specs(modse_config.moe_expert_placement)) > 1:
+        raise ValueError("moe_expert_placement gives one placement per MoE layer but one layer spec serves every "
+                         "layer: use get_modse_decoder_block_spec")
     tc = transformer_config
     common = dict(
         num_experts=tc.num_moe_experts,
@@ -113,8 +121,25 @@ def get_modse_decoder_block_spec(
         vp_stage=vp_stage,
         pp_rank=pp_rank,
     )
-    layer_specs = [modse_layer_spec(spec, modse_config, transformer_config) for spec in block.layer_specs]
-    return norms_for_sequence_parallel(dataclasses.replace(block, layer_specs=layer_specs), transformer_config)
+    moe_layers = moe_layer_indices(transformer_config)
+    layer_ids = _global_layer_ids(transformer_config, vp_stage, pp_rank, len(block.layer_specs))
+    specs = [modse_layer_spec(spec, modse_config, transformer_config,
+                              moe_layers.index(layer_id) if layer_id in moe_layers else 0)
+             for spec, layer_id in zip(block.layer_specs, layer_ids)]
+    return norms_for_sequence_parallel(dataclasses.replace(block, layer_specs=specs), transformer_config)
+
+
+def _global_layer_ids(config, vp_stage: Optional[int], pp_rank: Optional[int], count: int) -> list[int]:
+    """0-based model-wide index of each layer this stage builds: the slicing of megatron's
+    ``get_gpt_decoder_block_spec`` (gpt_layer_specs.py:627-639 in 0.16.1)."""
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None:
+        ids = list(layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank))
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        ids = list(range(offset, offset + count))
+    assert len(ids) == count, (ids, count)
+    return ids
 
 __all__ = [
     "BACKENDS",

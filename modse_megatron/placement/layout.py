@@ -13,7 +13,10 @@ Placement policies (``MoDSEConfig.moe_expert_placement``):
 * ``auto`` - the C++ placement planner (``plan_placement`` with uniform loads: equal memory,
   then compute).  If it is not built, planning stops with one line naming the fix (``pip
   install -e .``), never silently falls back to another policy;
-* an explicit list of ranks, one per logical expert.
+* an explicit list of ranks, one per logical expert;
+* one such list per MoE layer, separated by ``;`` (``"0,1,1,0;1,0,0,1"``: MoE layers in model
+  order; re-planning writes these, since each layer's routing is its own).  A named mode or a
+  single list applies to every MoE layer.
 
 Pure Python (the planner is imported only for ``auto``): ``MoDSEConfig`` validates with it.
 """
@@ -24,11 +27,45 @@ from typing import Sequence
 PLACEMENT_MODES = ("auto", "pairs", "contiguous")
 
 
+def layer_specs(spec: str, num_moe_layers: int | None = None) -> list[str]:
+    """The placement spec of every MoE layer: ``[spec]`` when one applies to all, else one per
+    layer (``;``-separated); with ``num_moe_layers`` the count must be 1 or that."""
+    parts = [p.strip() for p in spec.split(";")] if ";" in spec else [spec]
+    if any(p in PLACEMENT_MODES for p in parts) and len(parts) > 1:
+        raise ValueError(f"moe_expert_placement={spec!r} mixes a named mode with per-layer lists: give "
+                         f"{', '.join(PLACEMENT_MODES)} alone, or one list of ranks per MoE layer")
+    if num_moe_layers is not None and len(parts) not in (1, num_moe_layers):
+        raise ValueError(f"moe_expert_placement gives {len(parts)} per-layer placements but the model has "
+                         f"{num_moe_layers} MoE layers: give one list per MoE layer (';'-separated) or one for all")
+    return parts
+
+
+def layer_spec(spec: str, layer: int) -> str:
+    """The placement spec of MoE layer ``layer`` (0-based, in model order)."""
+    parts = layer_specs(spec)
+    if len(parts) == 1:
+        return parts[0]
+    if not 0 <= layer < len(parts):
+        raise ValueError(f"moe_expert_placement has {len(parts)} per-layer placements, none for MoE layer "
+                         f"{layer}: give one list per MoE layer")
+    return parts[layer]
+
+
+def format_layer_ranks(ranks_per_layer: Sequence[Sequence[int]]) -> str:
+    """A ``moe_expert_placement`` value for these per-layer placements (one list when all agree)."""
+    lists = [",".join(str(int(r)) for r in ranks) for ranks in ranks_per_layer]
+    return lists[0] if len(set(lists)) == 1 else ";".join(lists)
+
+
 def placement_ranks(spec: str, num_experts: int, ep_size: int) -> list[int] | None:
     """Parse an explicit placement (``"0,1,1,0"``: rank of each expert); None for named modes.
+    A per-layer spec (``;``) is checked layer by layer; the first layer's list is returned.
 
     Megatron's dispatchers need exactly ``num_experts / ep_size`` experts per rank.
     """
+    parts = layer_specs(spec)
+    if len(parts) > 1:
+        return [placement_ranks(p, num_experts, ep_size) for p in parts][0]
     if spec in PLACEMENT_MODES:
         return None
     try:
@@ -106,9 +143,11 @@ def planned_ranks(widths: Sequence[int], ep_size: int) -> list[int]:
     return list(plan_placement(list(widths), num_ranks=ep_size).rank_of_expert)
 
 
-def resolve_ranks(spec: str, widths: Sequence[int], ep_size: int) -> list[int]:
-    """EP rank of every logical expert under a ``moe_expert_placement`` spec."""
+def resolve_ranks(spec: str, widths: Sequence[int], ep_size: int, layer: int = 0) -> list[int]:
+    """EP rank of every logical expert of MoE layer ``layer`` (0-based) under a
+    ``moe_expert_placement`` spec."""
     n = len(widths)
+    spec = layer_spec(spec, layer)
     explicit = placement_ranks(spec, n, ep_size)
     if explicit is not None:
         return explicit
@@ -118,6 +157,14 @@ def resolve_ranks(spec: str, widths: Sequence[int], ep_size: int) -> list[int]:
     if spec == "auto":
         return planned_ranks(widths, ep_size)
     return paired_ranks(widths, ep_size)
+
+
+def resolve_layer_ranks(spec: str, widths: Sequence[int], ep_size: int, num_moe_layers: int) -> list[list[int]]:
+    """EP rank of every logical expert, for each of the ``num_moe_layers`` MoE layers."""
+    parts = layer_specs(spec, num_moe_layers)
+    if len(parts) == 1:
+        return [resolve_ranks(parts[0], widths, ep_size)] * num_moe_layers
+    return [resolve_ranks(p, widths, ep_size) for p in parts]
 
 
 def slot_order(rank_of_expert: Sequence[int], ep_size: int) -> list[int]:
@@ -156,9 +203,13 @@ __all__ = [
     "PLACEMENT_MODES",
     "check_slot_order",
     "contiguous_ranks",
+    "format_layer_ranks",
+    "layer_spec",
+    "layer_specs",
     "paired_ranks",
     "placement_ranks",
     "planned_ranks",
+    "resolve_layer_ranks",
     "resolve_ranks",
     "slot_order",
 ]

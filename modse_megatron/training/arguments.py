@@ -146,12 +146,18 @@ class RunArgs:
                                   choices=("planner", "random"))
     moe_replan_move_slack: float = _opt(0.01, "Accept a plan this fraction worse in max compute if it moves fewer "
                                               "bytes.")
+    moe_replan_max_move: float = _opt(0.1, "Largest share of the expert bytes one re-plan may move (weights and "
+                                           "optimizer state; 1 = no limit). Layers with few experts may need more: "
+                                           "the smallest memory-preserving move of the paper's 8 experts at EP 2 is half of them.")
     moe_replan_ema_decay: float = _opt(0.5, "Decay of the moving average of tokens per expert (per step; 0.5 "
                                             "beat 0.7 and 0.9 on every trace of benchmarks/replan.py).")
     save_lock_timeout: float = _opt(600.0, "Seconds without a heartbeat after which another host's lock on --save "
                                            "counts as stale and is taken over.")
     debug_nonfinite_at: list[int] | None = _opt(None, "Testing aid: make the loss of these iterations NaN "
                                                       "(exercises the non-finite handling end to end).")
+    debug_router_logit_bias: list[float] | None = _opt(None, "Testing aid: a constant added to the router logit of "
+                                                             "each logical expert (one per expert), to skew routing on "
+                                                             "purpose (e.g. for benchmarks/replan.py's busy-time run).")
     debug_die_during_save: int | None = _opt(None, "Testing aid: the last rank exits (code 9) in the middle of the "
                                                    "save of this iteration, after writing its part, as a rank killed "
                                                    "mid-save would.")
@@ -184,6 +190,12 @@ class PretrainArgs:
             values = {k: v for k, v in (data.get(f.name) or {}).items() if k in known}
             parts.append(section(**values))
         return cls(*parts)
+
+    def moe_layer_numbers(self) -> list[int]:
+        """1-based numbers of the MoE layers (megatron's ``moe_layer_freq`` pattern; [] if dense)."""
+        from modse_megatron.config import moe_layer_indices
+
+        return [i + 1 for i in moe_layer_indices(modse_view(self))] if self.model.num_experts else []
 
     def expert_widths(self) -> list[int]:
         """Every MoE layer's expert widths in logical order ([] for a dense model)."""
@@ -391,6 +403,12 @@ def validate(args: PretrainArgs) -> None:
     r = args.run
     if r.moe_replan_interval < 0 or not 0 <= r.moe_replan_ema_decay < 1 or r.moe_replan_min_gain < 0:
         raise ConfigError("--moe-replan-interval must be >= 0, --moe-replan-ema-decay in [0, 1), --moe-replan-min-gain >= 0")
+    if not 0 < r.moe_replan_max_move <= 1:
+        raise ConfigError(f"--moe-replan-max-move {r.moe_replan_max_move:g} must be in (0, 1]: the largest share of the "
+                          f"expert bytes one re-plan may move (1 = no limit)")
+    if r.debug_router_logit_bias is not None and (m.moe_layer_impl != "modse" or len(r.debug_router_logit_bias) != (m.num_experts or 0)):
+        raise ConfigError(f"--debug-router-logit-bias gives {len(r.debug_router_logit_bias)} values: it needs a MoDSE MoE "
+                          f"model (--moe-layer-impl modse) and one value per expert (--num-experts {m.num_experts})")
     if r.moe_replan_interval and (not m.num_experts or m.moe_layer_impl != "modse" or p.expert_model_parallel_size < 2):
         raise ConfigError("--moe-replan-interval moves experts between EP ranks: it needs a MoDSE MoE model "
                           "(--num-experts, --moe-layer-impl modse) with --expert-model-parallel-size > 1")
@@ -417,6 +435,8 @@ def modse_view(args: PretrainArgs):
     m, p = args.model, args.parallel
     return SimpleNamespace(
         num_moe_experts=m.num_experts,
+        num_layers=m.num_layers,
+        moe_layer_freq=m.moe_layer_freq,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
         add_bias_linear=not m.disable_bias_linear,
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,

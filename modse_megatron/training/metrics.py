@@ -60,8 +60,8 @@ class MetricsWriter:
                     "tok/s": f"{record['tokens_per_sec']:.0f}"}
             if "load_balancing_loss" in record:
                 post["aux"] = f"{record['load_balancing_loss']:.3f}"
-            if "compute_max_over_mean" in record:  # EP ranks' compute imbalance (Σ tokens x width)
-                post["imb"] = f"{record['compute_max_over_mean']:.2f}"
+            if "compute_layer_max_over_mean" in record:  # EP ranks' compute imbalance (Σ tokens x width, per layer)
+                post["imb"] = f"{record['compute_layer_max_over_mean']:.2f}"
             self._bar.set_postfix(post, refresh=False)
 
     def event(self, row: dict[str, Any]) -> None:

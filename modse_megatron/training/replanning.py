@@ -1,11 +1,12 @@
 """Re-planning expert placement during training (``--moe-replan-interval``) and live migration.
 
-Every step adds the tokens routed to each logical expert (all EP ranks agree on them) to a
-moving average and reports the EP ranks' compute imbalance (max / mean of Σ tokens x width)
-for the current placement. Every ``--moe-replan-interval`` iterations the planner proposes a
-placement for the averaged loads (:func:`modse_megatron.moe.replan.propose`); when it is better
-by more than ``--moe-replan-min-gain`` the run migrates at that iteration boundary, without a
-restart:
+Every step adds the tokens routed to each logical expert of each MoE layer (all EP ranks agree
+on them) to a per-layer moving average and reports the EP ranks' compute imbalance (max / mean of
+Σ tokens x width) for the current placements. Every ``--moe-replan-interval`` iterations the
+planner proposes, for every MoE layer, a placement for its averaged loads
+(:func:`modse_megatron.moe.replan.propose_layers`) that moves at most ``--moe-replan-max-move``
+of the layer's expert bytes; when some layer's is better by more than ``--moe-replan-min-gain``
+the run migrates those layers at that iteration boundary, without a restart:
 
 1. the full training state (model, fp32 main params and Adam moments of the distributed
    optimizer, scheduler, RNG streams, data position) is saved as a dist_checkpointing
@@ -28,51 +29,89 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from modse_megatron.moe.replan import LoadStats, imbalance, propose
+from modse_megatron.moe.replan import LoadStats, layer_imbalance, propose_layers
 
 
 class Replanner:
-    """Load statistics, the re-planning decision and the metrics rows of one run."""
+    """Load statistics, the re-planning decision and the metrics rows of one run.
 
-    def __init__(self, args, widths: list[int], ep: int, ranks: list[int], loads: LoadStats,
-                 migrate: Callable[[list[int]], None], metrics, num_moe_layers: int, bytes_per_param: int):
-        self.args, self.widths, self.ep, self.ranks = args, widths, ep, list(ranks)
+    ``ranks``: the current placement of every MoE layer (0-based, model order);
+    ``layer_numbers``: their 1-based layer numbers (the keys of ``tokens_per_expert``);
+    ``migrate(ranks)`` moves the run to new per-layer placements."""
+
+    def __init__(self, args, widths: list[int], ep: int, ranks: list[list[int]], layer_numbers: list[int],
+                 loads: LoadStats, migrate: Callable[[list[list[int]]], None], metrics, bytes_per_param: int):
+        self.args, self.widths, self.ep = args, widths, ep
+        self.ranks = [list(r) for r in ranks]
+        self.layer_numbers = [str(n) for n in layer_numbers]
         self.loads, self.migrate, self.metrics = loads, migrate, metrics
-        self.num_moe_layers, self.bytes_per_param = num_moe_layers, bytes_per_param
+        self.bytes_per_param = bytes_per_param
         self.rng = random.Random(args.optim.seed)
+        self.budget_said = False
 
     def observe(self, record: dict[str, Any]) -> None:
-        """Fold this step's routed tokens into the averages; add the compute imbalance."""
+        """Fold this step's routed tokens into the averages; add the compute imbalance: over the
+        step (``compute_max_over_mean``: each rank's compute summed over layers) and as the step
+        waits for it (``compute_layer_max_over_mean``: every layer waits for its slowest rank)."""
         tokens = record.get("tokens_per_expert")
         if not tokens:
             return
         self.loads.update(tokens)
-        step = [sum(float(counts[e]) for counts in tokens.values()) for e in range(len(self.widths))]
-        record["compute_max_over_mean"] = imbalance(self.widths, step, self.ranks, self.ep)
+        zero = [0.0] * len(self.widths)
+        per_layer = [[float(c) for c in tokens.get(n, zero)] for n in self.layer_numbers]
+        summed = [0.0] * self.ep
+        for layer_tokens, layer_ranks in zip(per_layer, self.ranks):
+            for e, (w, t) in enumerate(zip(self.widths, layer_tokens)):
+                summed[layer_ranks[e]] += w * t
+        mean = sum(summed) / self.ep
+        record["compute_max_over_mean"] = max(summed) / mean if mean > 0 else 1.0
+        record["compute_layer_max_over_mean"] = layer_imbalance(self.widths, per_layer, self.ranks, self.ep)
+
+    def _proposals(self, max_move: float, kw: dict):
+        loads = [self.loads.layers.get(n) for n in self.layer_numbers]
+        return propose_layers(self.widths, loads, self.ep, self.ranks, max_move_fraction=max_move, rng=self.rng, **kw)
 
     def maybe_replan(self, iteration: int) -> None:
         r = self.args.run
-        if not r.moe_replan_interval or iteration % r.moe_replan_interval or not self.loads.ema:
+        if not r.moe_replan_interval or iteration % r.moe_replan_interval or not self.loads.layers:
             return
-        proposal = propose(self.widths, self.loads.ema, self.ep, self.ranks, policy=r.moe_replan_policy,
-                           min_gain=r.moe_replan_min_gain, move_slack=r.moe_replan_move_slack, rng=self.rng)
-        if not proposal.migrate:
+        kw = dict(policy=r.moe_replan_policy, min_gain=r.moe_replan_min_gain, move_slack=r.moe_replan_move_slack)
+        proposals = self._proposals(r.moe_replan_max_move, kw)
+        if not proposals.migrate:
+            self._say_if_budget_blocks(kw)
             return
         start = time.perf_counter()
-        moved = [e for e, (a, b) in enumerate(zip(self.ranks, proposal.ranks)) if a != b]
-        self.migrate(proposal.ranks)
-        self.ranks = list(proposal.ranks)
+        self.migrate(proposals.ranks)
+        seconds = round(time.perf_counter() - start, 3)
         gated = 2 if self.args.model.swiglu else 1
-        params = sum((gated + 1) * self.args.model.hidden_size * self.widths[e] for e in moved) * self.num_moe_layers
-        self.metrics.event({
-            "iteration": iteration, "event": "replan", "layer": "all", "policy": r.moe_replan_policy,
-            "moved_experts": len(moved), "moved_bytes": params * self.bytes_per_param,
-            "max_over_mean_compute_before": round(proposal.before, 6),
-            "max_over_mean_compute_after": round(proposal.after, 6),
-            "placement": proposal.ranks, "seconds": round(time.perf_counter() - start, 3),
-        })
-        self.metrics.message(f"iteration {iteration}: re-planned placement ({len(moved)} experts moved, compute "
-                             f"max/mean {proposal.before:.3f} -> {proposal.after:.3f})")
+        moved_total = 0
+        for i, p in sorted(proposals.changed.items()):
+            moved = [e for e, (a, b) in enumerate(zip(self.ranks[i], p.ranks)) if a != b]
+            moved_total += len(moved)
+            params = sum((gated + 1) * self.args.model.hidden_size * self.widths[e] for e in moved)
+            self.metrics.event({
+                "iteration": iteration, "event": "replan", "layer": self.layer_numbers[i],
+                "policy": r.moe_replan_policy, "moved_experts": len(moved), "moved_bytes": params * self.bytes_per_param,
+                "max_over_mean_compute_before": round(p.before, 6), "max_over_mean_compute_after": round(p.after, 6),
+                "placement": p.ranks, "seconds": seconds,
+            })
+        self.ranks = [list(x) for x in proposals.ranks]
+        worst = max(proposals.changed.values(), key=lambda p: p.before)
+        self.metrics.message(f"iteration {iteration}: re-planned {len(proposals.changed)} MoE layer(s) ({moved_total} "
+                             f"experts moved; the worst layer's compute max/mean {worst.before:.3f} -> {worst.after:.3f})")
+
+    def _say_if_budget_blocks(self, kw: dict) -> None:
+        """Once per run: say when --moe-replan-max-move is what stops a worthwhile migration."""
+        if self.budget_said or self.args.run.moe_replan_max_move >= 1 or kw["policy"] != "planner":
+            return
+        free = self._proposals(1.0, kw)
+        if free.migrate:
+            self.budget_said = True
+            best = max(free.changed.values(), key=lambda p: p.before - p.after)
+            self.metrics.message(
+                f"re-planning: a placement with compute max/mean {best.before:.3f} -> {best.after:.3f} exists but no "
+                f"exchange of experts fits --moe-replan-max-move {self.args.run.moe_replan_max_move:g}; raise it to "
+                f"let re-planning move more per migration")
 
 
 def migration_dir(args) -> Path:

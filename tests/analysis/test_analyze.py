@@ -138,7 +138,8 @@ def test_run_config_gives_placement_and_rank_compute(tmp_path, capsys):
     layer1 = rank["from_metrics"]["layers"]["1"]
     assert layer1["compute"] == [15 * 48 + 7 * 16, 7 * 40 + 19 * 24]
     assert layer1["max_over_mean"] == pytest.approx(max(layer1["compute"]) / (sum(layer1["compute"]) / 2))
-    assert rank["logged_by_training"]["replans"] == [{"iteration": 2, "placement": [0, 1, 1, 0], "moved_experts": 2}]
+    assert rank["logged_by_training"]["replans"] == [{"iteration": 2, "layer": "all", "placement": [0, 1, 1, 0],
+                                                      "moved_experts": 2}]
     assert any("re-planned" in n for n in report["notes"])
     assert "rank_compute.png" in report["plots"]
     md = (tmp_path / "out" / "report.md").read_text()
@@ -310,6 +311,9 @@ def test_tiny_torchrun_run_end_to_end(tmp_path, corpus):
     widths = [96, 32, 80, 48]
     share = report["token_share_by_width"]
     assert share["iterations"] == len(train) == 6
+    # every EP>1 MoDSE run logs both ranks' expert seconds and the compute imbalance it sees
+    assert all(len(r["expert_seconds_per_rank"]) == 2 and min(r["expert_seconds_per_rank"]) > 0 for r in train)
+    assert len(report["rank_compute"]["logged_by_training"]["values"]) == 6
     for layer in ("1", "2"):
         counts = [sum(r["tokens_per_expert"][layer][e] for r in train) for e in range(4)]
         assert sum(counts) == 6 * 8 * 32 * 2  # steps x sequences x tokens x top-2

@@ -126,9 +126,15 @@ def test_rank_compute_by_hand():
     assert result["max_over_mean"] == pytest.approx(4320 / 2960)
     assert run_log.rank_compute([0, 0, 0, 0], WIDTHS, [0, 0, 1, 1], 2)["max_over_mean"] is None
     totals = {"1": [10, 20, 30, 40], "2": [1, 1, 1, 1]}
-    load = run_log.rank_load(totals, WIDTHS, [0, 1, 1, 0], 2, "test")
+    load = run_log.rank_load(totals, WIDTHS, {"1": [0, 1, 1, 0], "2": [0, 1, 1, 0]}, 2, "test")
     assert load["layers"]["all"]["compute"] == [11 * 96 + 41 * 48, 21 * 32 + 31 * 80]
     assert all(v["max_over_mean"] >= 1.0 for v in load["layers"].values())
+    assert load["placement"] == [0, 1, 1, 0]  # one placement for every layer
+    # each layer under its own placement (re-planned runs); "all" sums every rank's compute
+    own = run_log.rank_load(totals, WIDTHS, {"1": [0, 0, 1, 1], "2": [0, 1, 1, 0]}, 2, "test")
+    assert own["layers"]["1"]["compute"] == result["compute"]
+    assert own["layers"]["all"]["compute"] == [result["compute"][0] + 96 + 48, result["compute"][1] + 32 + 80]
+    assert own["placement"] == {"1": [0, 0, 1, 1], "2": [0, 1, 1, 0]}
 
 
 def test_logged_imbalance_and_replans(written):
@@ -137,7 +143,7 @@ def test_logged_imbalance_and_replans(written):
     assert logged["iterations"] == [1, 2]  # the replayed iterations 3 and 4 logged none
     assert logged["values"] == pytest.approx([1.1, 1.2]) and logged["last"] == pytest.approx(1.2)
     assert logged["mean"] == pytest.approx(1.15)
-    assert logged["replans"] == [{"iteration": 2, "placement": [0, 1, 1, 0], "moved_experts": 2}]
+    assert logged["replans"] == [{"iteration": 2, "layer": "all", "placement": [0, 1, 1, 0], "moved_experts": 2}]
 
 
 def test_torn_last_line_is_skipped_with_a_note(metrics):

@@ -281,3 +281,40 @@ def test_ddp_distributed_optimizer_ep2_matches_ep1(dist2):
     for lid, (w1, w2) in ep1[1].items():
         assert_close_rel(ep2[1][lid][0], w1, RTOL, f"expert {lid} fc1 after 3 steps")
         assert_close_rel(ep2[1][lid][1], w2, RTOL, f"expert {lid} fc2 after 3 steps")
+
+
+def test_each_moe_layer_gets_its_own_placement(one_rank):
+    """A per-layer moe_expert_placement (';'-separated, MoE layers in model order): every MoE
+    layer's experts and router get that layer's slot order, on every pipeline stage (global
+    layer numbers, megatron's slicing); one list or a named mode serves every layer."""
+    from modse_megatron.moe.specs import get_modse_decoder_block_spec, get_modse_gpt_layer_spec
+
+    def slots(block):
+        out = []
+        for spec in block.layer_specs:
+            mlp = spec.submodules.mlp
+            if mlp.submodules is not None and getattr(mlp.submodules, "experts", None) is not None:
+                experts, router = mlp.submodules.experts, mlp.submodules.router
+                assert experts.params["slot_to_logical"] == router.keywords["slot_to_logical"]
+                out.append(experts.params["slot_to_logical"])
+            else:
+                out.append(None)
+        return out
+
+    first, second = "0,0,0,0,1,1,1,1", "1,0,1,0,1,0,1,0"
+    modse = MoDSEConfig(moe_expert_size_preset="paper8", moe_expert_placement=f"{first};{second}")
+    config = _gpt_config(num_layers=4, moe_layer_freq=[1, 0, 0, 1], expert_model_parallel_size=2)
+    whole = slots(get_modse_decoder_block_spec(modse, config))
+    assert whole == [[0, 1, 2, 3, 4, 5, 6, 7], None, None, [1, 3, 5, 7, 0, 2, 4, 6]]
+    config.pipeline_model_parallel_size = 2  # stage slicing by global layer number
+    stages = [slots(get_modse_decoder_block_spec(modse, config, pp_rank=r)) for r in (0, 1)]
+    assert stages == [whole[:2], whole[2:]]
+    config.pipeline_model_parallel_size = 1
+    one = slots(get_modse_decoder_block_spec(MoDSEConfig(moe_expert_size_preset="paper8",
+                                                         moe_expert_placement=second), config))
+    assert one == [whole[3], None, None, whole[3]]
+    with pytest.raises(ValueError, match="gives 3 per-layer placements but the model has 2 MoE layers"):
+        get_modse_decoder_block_spec(MoDSEConfig(moe_expert_size_preset="paper8",
+                                                 moe_expert_placement=f"{first};{second};{first}"), config)
+    with pytest.raises(ValueError, match="use get_modse_decoder_block_spec"):
+        get_modse_gpt_layer_spec(modse, config)

@@ -83,3 +83,27 @@ def test_auto_is_the_planner_and_never_falls_back_silently(monkeypatch):
     assert plan.planner_unavailable_reason() == message
     assert resolve_ranks("pairs", PAPER8_F40, 2) == paired_ranks(PAPER8_F40, 2)  # still works
     assert resolve_ranks("auto", PAPER8_F40, 1) == [0] * 8  # one rank: nothing to plan
+
+
+def test_per_layer_placements():
+    from modse_megatron.placement.layout import format_layer_ranks, layer_spec, resolve_layer_ranks
+
+    widths = [8, 72, 16, 64]
+    assert resolve_layer_ranks("1,1,0,0;0,1,0,1", widths, 2, 2) == [[1, 1, 0, 0], [0, 1, 0, 1]]
+    assert resolve_layer_ranks("1,1,0,0", widths, 2, 3) == [[1, 1, 0, 0]] * 3  # one list: every layer
+    assert resolve_layer_ranks("pairs", widths, 2, 2) == [resolve_ranks("pairs", widths, 2)] * 2
+    assert resolve_ranks("1,1,0,0;0,1,0,1", widths, 2, layer=1) == [0, 1, 0, 1]
+    assert layer_spec("auto", 5) == "auto"
+    assert format_layer_ranks([[1, 1, 0, 0], [0, 1, 0, 1]]) == "1,1,0,0;0,1,0,1"
+    assert format_layer_ranks([[1, 1, 0, 0]] * 2) == "1,1,0,0"
+    for spec, n, message in [
+        ("1,1,0,0;0,1,0,1", 3, "gives 2 per-layer placements but the model has 3 MoE layers"),
+        ("auto;1,1,0,0", 2, "mixes a named mode with per-layer lists"),
+        ("1,1,0,0;0,1,0", 2, "lists 3 ranks but there are 4 experts"),
+        ("1,1,0,0;0,0,0,1", 2, "puts 3 experts on EP rank 0"),
+    ]:
+        with pytest.raises(ValueError, match=message) as err:
+            resolve_layer_ranks(spec, widths, 2, n)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="none for MoE layer 2"):
+        layer_spec("1,1,0,0;0,1,0,1", 2)

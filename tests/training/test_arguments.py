@@ -82,6 +82,15 @@ def test_yaml_then_cli_override(tmp_path):
         ([], "num_layers: null\n", "option num_layers cannot be null: give a value or remove the key"),
         ([], "- num_layers\n- 2\n", "must be a mapping of option: value"),
         ([], "swiglu: 3\n", "option swiglu: 3 is not a valid bool"),
+        (["--moe-replan-interval", "-1"], None, "--moe-replan-interval must be >= 0"),
+        (["--num-experts", "4", "--disable-bias-linear", "--debug-router-logit-bias", "1,0"], None,
+         "--debug-router-logit-bias gives 2 values: it needs a MoDSE MoE model (--moe-layer-impl modse) and one value "
+         "per expert (--num-experts 4)"),
+        (["--moe-replan-policy", "greedy"], None, "--moe-replan-policy: invalid choice: 'greedy'"),
+        (["--moe-replan-max-move", "0"], None, "--moe-replan-max-move 0 must be in (0, 1]"),
+        (["--moe-replan-max-move", "1.5"], None, "--moe-replan-max-move 1.5 must be in (0, 1]"),
+        (["--moe-replan-interval", "5", "--num-experts", "8", "--disable-bias-linear"], None,
+         "--moe-replan-interval moves experts between EP ranks: it needs a MoDSE MoE model"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, argv, yaml_text, expected):

@@ -90,7 +90,7 @@ def reference(data, saved):
 @pytest.mark.parametrize("layout", [
     ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "1"],
     ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1"],
-    ["--moe-expert-placement", "0,1,1,0"],
+    ["--moe-expert-placement", "0,1,1,0;1,0,1,0"],  # one placement per MoE layer
 ], ids=["tp2-ep1", "pp2", "placement"])  # EP=1 alone: tests/training/test_replan_training.py
 def test_full_checkpoint_resumes_under_another_layout(data, saved, reference, tmp_path, layout):
     """Model + optimizer + scheduler + data position: the losses equal the EP=2 resume."""

@@ -51,6 +51,9 @@ features, not workarounds, so they live with their feature; re-read them on an u
   and the optimizer common-state layout.
 * ``inference/model.py``: the reference model reproduces megatron's GPT forward (each piece
   names its megatron code; ``tests/inference`` compares logits with megatron's).
+* ``moe/specs.py`` ``_global_layer_ids``: the layer slicing of ``get_gpt_decoder_block_spec``
+  (``models/gpt/gpt_layer_specs.py:627-639``), so each MoE layer gets its own placement;
+  ``config.moe_layer_indices`` is its ``moe_layer_freq`` pattern (``:579-598``).
 * ``training/arguments.py``: top-1 softmax routing needs ``--moe-router-pre-softmax``
   (``transformer/transformer_config.py:1636``), checked before launch.
 
