@@ -169,6 +169,7 @@ class MoDSERouter(TopKRouter):
         self.random_seed = int(random_seed)
         self._slots = slots
         self._is_identity = slots == list(range(num_experts))
+        self._logit_bias: Optional[torch.Tensor] = None
         super().__init__(config=config, pg_collection=pg_collection)
         device = self.weight.device
         self.register_buffer("slot_to_logical", torch.tensor(slots, dtype=torch.long, device=device), persistent=False)
@@ -207,6 +208,12 @@ class MoDSERouter(TopKRouter):
         self.weight.data = rows_EH.to(device=self.weight.device, dtype=self.weight.dtype)
         if self.bias is not None:
             self.bias.data.zero_()
+
+    def set_logit_bias(self, bias: Optional[Sequence[float]]) -> None:
+        """Testing aid (``--debug-router-logit-bias``): a constant added to every token's logit of
+        each logical expert (given in logical order), to skew routing on purpose; None = off."""
+        self._logit_bias = None if bias is None else torch.tensor(
+            [float(bias[e]) for e in self._slots], dtype=torch.float32, device=self.weight.device)
 
     def set_layer_number(self, layer_number: int):
         """The random projection differs per layer, so it is redrawn once the layer is known
@@ -251,6 +258,8 @@ class MoDSERouter(TopKRouter):
         self._maintain_float32_expert_bias()
         input = self.apply_input_jitter(input)
         logits = self.gating(input)
+        if self._logit_bias is not None:
+            logits = logits + self._logit_bias.to(logits.dtype)
         if self.config.moe_router_force_load_balancing:
             logits = apply_random_logits(logits)
         if self.granularity == "sequence":

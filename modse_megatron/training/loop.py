@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from modse_megatron.training.arguments import PretrainArgs
+from modse_megatron.training.expert_time import ExpertTimer
 from modse_megatron.training.metrics import MetricsWriter, Throughput
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -60,6 +61,11 @@ def _forward_step(data_iterator, model, poison: bool = False):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor for a world collective must live: NCCL takes CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _reported_mean(values: list[dict[str, torch.Tensor]], key: str) -> float:
     """Mean of ``key`` over micro-batches and DP replicas, known on every rank.
 
@@ -70,8 +76,10 @@ def _reported_mean(values: list[dict[str, torch.Tensor]], key: str) -> float:
     from megatron.core import parallel_state as ps
 
     reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    local = torch.stack([v[key] for v in values]).float().mean() if (reporter and values) else torch.zeros(())
-    pair = torch.stack([local * float(reporter), torch.tensor(float(reporter))])
+    device = collective_device()
+    local = torch.stack([v[key] for v in values]).float().mean().to(device) if (reporter and values) else \
+        torch.zeros((), device=device)
+    pair = torch.stack([local * float(reporter), torch.tensor(float(reporter), device=device)])
     dist.all_reduce(pair)
     return float(pair[0] / pair[1].clamp_min(1.0))
 
@@ -94,6 +102,7 @@ class Trainer:
         self._stop_requested = False
         self.eval_batches_done = 0
         self.routers = [m for m in ddp.module.modules() if hasattr(m, "routing_stats")]
+        self.expert_timer = ExpertTimer(ddp.module) if config.num_moe_experts else None
         self.heartbeat = heartbeat or (lambda: None)  # refreshes the --save lock
         self.watch = watch  # names the phase in errors about ranks that stop answering
         self.last_checkpoint: str | None = None
@@ -104,6 +113,8 @@ class Trainer:
         """Continue with a rebuilt model/optimizer (a placement migration)."""
         self.ddp, self.optimizer, self.scheduler = ddp, optimizer, scheduler
         self.routers = [m for m in ddp.module.modules() if hasattr(m, "routing_stats")]
+        if self.expert_timer is not None:
+            self.expert_timer.attach(ddp.module)
 
     # ------------------------------------------------------------------ one step
     def _run_schedule(self, dataset, start: int, forward_only: bool, poison: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -125,6 +136,8 @@ class Trainer:
         self.optimizer.zero_grad()
         for router in self.routers:
             router.reset_routing_stats()
+        if self.expert_timer is not None:
+            self.expert_timer.take()  # this step only (not an evaluation's forward passes)
         poison = self.state.iteration + 1 in self._poison
         losses = self._run_schedule(self.train_ds, self.state.consumed_samples, forward_only=False, poison=poison)
         lm_loss = _reported_mean(losses, "lm_loss")
@@ -211,10 +224,17 @@ class Trainer:
                 counts[router.layer_number - 1] = router.routing_stats.double().cpu()
             if ps.get_tensor_model_parallel_rank() != 0:
                 counts.zero_()
+            counts = counts.to(collective_device())
             dist.all_reduce(counts)
+            counts = counts.cpu()
             out["tokens_per_expert"] = {
                 str(layer + 1): [int(c) for c in row] for layer, row in enumerate(counts.tolist()) if any(row)
             }
+        if self.expert_timer is not None:  # every rank's seconds in its experts' forward (world rank order)
+            mine = torch.tensor([self.expert_timer.take()], dtype=torch.float64, device=collective_device())
+            every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, mine)
+            out["expert_seconds_per_rank"] = [round(float(t), 6) for t in every]
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -246,7 +266,7 @@ class Trainer:
 
     def _agreed_stop(self) -> bool:
         """All ranks stop together when any rank got SIGTERM (no rank left in a collective)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -107,7 +107,7 @@ def build_model(args: PretrainArgs, config, vocab_size: int):
         from modse_megatron.platform.megatron_0_16.norm import norms_for_sequence_parallel
 
         spec = norms_for_sequence_parallel(spec, config)  # (the MoDSE specs do this themselves)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -117,6 +117,11 @@ def build_model(args: PretrainArgs, config, vocab_size: int):
         share_embeddings_and_output_weights=not args.model.untie_embeddings_and_output_weights,
         position_embedding_type=args.model.position_embedding_type,
     )
+    if args.run.debug_router_logit_bias is not None:
+        for module in model.modules():
+            if hasattr(module, "set_logit_bias"):
+                module.set_logit_bias(args.run.debug_router_logit_bias)
+    return model
 
 
 def wrap_and_optimize(args: PretrainArgs, config, model):

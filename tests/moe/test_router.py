@@ -424,6 +424,22 @@ def test_routing_stats_count_logical_assignments_before_dropping(one_rank):
     assert torch.equal(r["evaluated"], 2 * r["expected"])
 
 
+def test_debug_logit_bias_skews_logical_experts(one_rank):
+    """--debug-router-logit-bias is given in logical order whatever the slot order: a large bias
+    on logical experts 1 and 3 sends every token to them; None removes it."""
+    router = _router(_config(), slot_to_logical=PERM)
+    x = _tokens(6, 2, seed=1)
+    router.set_logit_bias([0.0, 50.0, 0.0, 50.0])
+    with torch.no_grad():
+        router(x)
+    assert router.routing_stats.tolist() == [0, 12, 0, 12]
+    router.set_logit_bias(None)
+    router.reset_routing_stats()
+    with torch.no_grad():
+        router(x)
+    assert router.routing_stats.tolist() != [0, 12, 0, 12] and int(router.routing_stats.sum()) == 24
+
+
 # ---------------------------------------------------------------- layout-free checkpoints
 def _logical_router_state(router, slot_to_logical):
     with torch.no_grad():
