@@ -6,32 +6,46 @@ size, the run's initial placement and the command that produced it.  Two are rec
 project's tiny CPU pretraining (2 ranks, EP 2, 4 MoE layers, top-2, aux loss):
 ``tiny_cpu_trace.json`` (``examples/configs/tiny_cpu.yaml`` as is: the paper's 8 experts, 300
 iterations) and ``tiny_cpu_32experts_trace.json`` (32 experts of the 4.5:0.5 ... 2.5:2.5 pairs,
-200 iterations), each recorded in under 5 minutes.  Each policy is replayed over a trace with
-the training loop's own rules (``modse_megatron.moe.replan``,
+200 iterations), each recorded in under 5 minutes.  Synthetic drifts (``zipf_drift_trace``, 4 MoE
+layers, 200 steps, the paper's pair widths): Zipf skew rising from 0 to 1.2 at EP 8 (64 experts)
+and EP 64 (256 experts) with 16k tokens per step, and a milder one (0 to 0.6, 1M tokens per step)
+at EP 8, where a memory-equal placement can still balance each layer.  Each policy is replayed
+over a trace with the training loop's own rules (``modse_megatron.moe.replan``,
 ``modse_megatron.training.replanning``): at iteration i the step runs on the placement in force,
 its tokens update the moving average (``LoadStats``, ``--ema-decay`` as
 ``--moe-replan-ema-decay``), then every K iterations the policy may migrate (the new placement
 serves iteration i + 1 on).  Routing does not depend on placement (placement is
-math-invariant), so replaying the recorded tokens under another placement is exact.  One
-placement serves every MoE layer, as in training, so a step's compute per rank is the sum over
-layers of tokens x width.
+math-invariant), so replaying the recorded tokens under another placement is exact.  Every
+MoE layer has its own placement, as in training, and waits for its slowest EP rank, so a step's
+imbalance is the sum over layers of the slowest rank's tokens x width over the sum of the mean
+rank's (``rank_sum_imbalance_mean`` also reports max / mean of each rank's compute summed over
+layers, the training rows' ``compute_max_over_mean``).
 
 Policies:
 
 * ``static``: the run's initial placement (``moe_expert_placement=auto``: the planner with
   uniform loads, equal memory per rank) for the whole run;
-* ``planner_every_K``: ``propose(policy="planner")`` on the moving average every K iterations,
-  migrating when the predicted max-rank compute improves by more than ``--min-gain`` (the
-  training defaults: min gain 0.03, move slack 0.01);
+* ``planner_every_K``: ``propose_layers(policy="planner")`` on each layer's moving average every
+  K iterations, migrating a layer when its predicted max-rank compute improves by more than
+  ``--min-gain`` (the training defaults: min gain 0.03, move slack 0.01), with no move limit;
+* ``planner_every_K_max_move_F``: the same with ``--moe-replan-max-move F`` (a re-plan moves at
+  most that share of a layer's expert bytes; the training default is 0.1; ``--max-move`` lists
+  the values compared);
+* ``shared_planner_every_K``: one placement for every layer, planned on the loads summed over
+  layers (what training did before placements were per layer);
 * ``random_every_K``: a random equal-memory placement every K iterations (the migration test
   policy of ``--moe-replan-policy random``);
+* ``window_oracle_K`` (a reference, not realisable): every window of K steps on the planner's
+  plan for that window's own tokens, i.e. the best a placement held for K steps can do with
+  perfect foresight; the gap to it is what better load prediction could still win;
 * ``per_step_oracle`` (a reference, not realisable): the planner on each step's own tokens,
   i.e. the best equal-memory placement in hindsight, step by step.
 
 Reported per trace, EP size and policy: the per-step compute imbalance (max rank / mean rank of
-sum tokens x width) mean, p50, p95, max and mean over the second half of the run (routing
-settles as training goes on); migrations, moved experts and bytes moved (expert parameters x
-MoE layers x bytes per parameter of weights and Adam state, as the training loop counts them);
+sum tokens x width, as above) mean, p50, p95, max and mean over the second half of the run
+(routing settles as training goes on); migrations, moved experts and bytes moved (expert
+parameters x bytes per parameter of weights and Adam state, as the training loop counts them),
+and per migrated layer the share of its expert bytes moved (mean, max);
 planner calls and planning time per call (mean, max).  EP sizes: every power of two leaving at
 least 4 experts per rank (``--ep`` to choose; the planner only needs loads, and the initial
 placement at an EP size other than the recorded one is the planner's uniform-load plan).
@@ -53,7 +67,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from modse_megatron.moe.replan import LoadStats, propose
+from modse_megatron.moe.replan import LoadStats, propose, propose_layers
 from modse_megatron.placement import plan_placement
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -134,7 +148,10 @@ def zipf_drift_trace(experts: int, ep: int, steps: int = 200, layers: int = 4, t
             "tokens_np": np.asarray(tokens, dtype=np.float64)}
 
 
-SYNTHETIC = {"zipf_drift_64experts": (64, 8), "zipf_drift_256experts": (256, 64)}
+# name -> zipf_drift_trace arguments.  The mild drift has a realistic token count per step (1M:
+# little sampling noise) and skew a memory-equal placement can still balance to ~1.02.
+SYNTHETIC = {"zipf_drift_64experts": dict(experts=64, ep=8), "zipf_drift_256experts": dict(experts=256, ep=64),
+             "zipf_mild_64experts": dict(experts=64, ep=8, zipf_max=0.6, tokens_per_step=1 << 20)}
 
 
 def load_trace(path: Path) -> dict:
@@ -146,50 +163,74 @@ def load_trace(path: Path) -> dict:
 # ----------------------------------------------------------------------------- replay
 
 
-def step_imbalance(widths: np.ndarray, tokens: np.ndarray, ranks: Sequence[int], ep: int) -> float:
-    """max / mean over EP ranks of sum over layers of tokens x width ([layers, n] tokens)."""
-    compute = np.bincount(np.asarray(ranks), weights=tokens.sum(0) * widths, minlength=ep)
+def step_imbalance(widths: np.ndarray, tokens: np.ndarray, ranks: Sequence[Sequence[int]], ep: int) -> float:
+    """The step's imbalance when every MoE layer waits for its slowest EP rank: sum over layers
+    of the slowest rank's tokens x width / sum of the mean rank's ([layers, n] tokens, one
+    placement per layer)."""
+    slowest = mean = 0.0
+    for layer_tokens, layer_ranks in zip(tokens, ranks):
+        compute = np.bincount(np.asarray(layer_ranks), weights=layer_tokens * widths, minlength=ep)
+        slowest += compute.max()
+        mean += compute.mean()
+    return float(slowest / mean) if mean > 0 else 1.0
+
+
+def rank_sum_imbalance(widths: np.ndarray, tokens: np.ndarray, ranks: Sequence[Sequence[int]], ep: int) -> float:
+    """max / mean over EP ranks of each rank's tokens x width summed over layers (what the
+    training rows call compute_max_over_mean): blind to layers that wait on different ranks."""
+    compute = sum(np.bincount(np.asarray(r), weights=t * widths, minlength=ep) for t, r in zip(tokens, ranks))
     mean = compute.mean()
     return float(compute.max() / mean) if mean > 0 else 1.0
 
 
 def moved_bytes(trace: dict, widths: Sequence[int], old: Sequence[int], new: Sequence[int]) -> int:
-    """Parameters (and their optimizer state) of the experts that change rank, in bytes."""
+    """Parameters (and their optimizer state) of one layer's experts that change rank, in bytes."""
     gated = 2 if trace["swiglu"] else 1
-    per_width = (gated + 1) * trace["hidden_size"] * len(trace["layers"]) * trace["bytes_per_param"]
+    per_width = (gated + 1) * trace["hidden_size"] * trace["bytes_per_param"]
     return sum(w * per_width for w, a, b in zip(widths, old, new) if a != b)
 
 
-Decide = Callable[[int, list[int], LoadStats], tuple[list[int] | None, float]]
+# decide(iteration, per-layer ranks, loads) -> (new per-layer ranks or None, seconds spent planning)
+Decide = Callable[[int, list[list[int]], LoadStats], tuple[list[list[int]] | None, float]]
 
 
 def replay(trace: dict, ep: int, start: list[int], decide: Decide | None,
            interval: int, decay: float) -> dict:
-    """Per-step imbalance, migrations and planning time of one policy over the trace.
-    decide(iteration, ranks, loads) -> (new ranks or None, seconds spent planning)."""
+    """Per-step imbalance, migrations and planning time of one policy over the trace."""
     widths = trace["widths"]
     w = np.asarray(widths, dtype=np.float64)
     tokens = trace["tokens_np"]
+    names = [str(layer) for layer in trace["layers"]]
     loads = LoadStats(len(widths), decay)
-    ranks = list(start)
-    imb, plan_s = [], []
+    ranks = [list(start) for _ in names]
+    imb, summed, plan_s, moved_fractions = [], [], [], []
     migrations = moved_experts = moved = 0
+    layer_bytes = moved_bytes(trace, widths, [0] * len(widths), [1] * len(widths))  # one layer, every expert
     for i, it in enumerate(trace["iterations"]):
         imb.append(step_imbalance(w, tokens[i], ranks, ep))
-        loads.update({str(layer): tokens[i, layer] for layer in range(tokens.shape[1])})
+        summed.append(rank_sum_imbalance(w, tokens[i], ranks, ep))
+        loads.update({name: tokens[i, layer] for layer, name in enumerate(names)})
         if decide is None or it % interval or i == len(trace["iterations"]) - 1:
             continue
         new, seconds = decide(it, ranks, loads)
         plan_s.append(seconds)
         if new is not None:
             migrations += 1
-            moved_experts += sum(a != b for a, b in zip(ranks, new))
-            moved += moved_bytes(trace, widths, ranks, new)
+            for old_layer, new_layer in zip(ranks, new):
+                if old_layer != new_layer:
+                    moved_experts += sum(a != b for a, b in zip(old_layer, new_layer))
+                    layer_moved = moved_bytes(trace, widths, old_layer, new_layer)
+                    moved += layer_moved
+                    moved_fractions.append(layer_moved / layer_bytes)
             ranks = new
-    expert_bytes = moved_bytes(trace, widths, [0] * len(widths), [1] * len(widths))  # every expert
     return summary(imb) | {
+        "rank_sum_imbalance_mean": float(np.mean(summed)),
         "migrations": migrations, "moved_experts": moved_experts, "moved_bytes": moved,
-        "moved_fraction_of_expert_bytes_per_migration": moved / migrations / expert_bytes if migrations else 0.0,
+        # per migrated layer: the share of that layer's expert bytes the migration moved
+        "moved_fraction_of_layer_bytes_mean": float(np.mean(moved_fractions)) if moved_fractions else 0.0,
+        "moved_fraction_of_layer_bytes_max": float(np.max(moved_fractions)) if moved_fractions else 0.0,
+        "moved_fraction_of_expert_bytes_per_migration":
+            moved / migrations / (layer_bytes * len(names)) if migrations else 0.0,
         "planner_calls": len(plan_s),
         "planning_ms_per_call_mean": 1e3 * float(np.mean(plan_s)) if plan_s else 0.0,
         "planning_ms_per_call_max": 1e3 * float(np.max(plan_s)) if plan_s else 0.0,
@@ -205,40 +246,77 @@ def summary(imbalance: Sequence[float]) -> dict:
             "imbalance_mean_second_half": float(a[len(a) // 2:].mean())}
 
 
-def planner_policy(widths: list[int], ep: int, min_gain: float, move_slack: float) -> Decide:
-    def decide(it: int, ranks: list[int], loads: LoadStats):
+def _layer_loads(loads: LoadStats, ranks: list[list[int]]) -> list:
+    return [loads.layers.get(name) for name in sorted(loads.layers, key=int)][:len(ranks)]
+
+
+def planner_policy(widths: list[int], ep: int, min_gain: float, move_slack: float,
+                   max_move: float = 1.0) -> Decide:
+    """Each layer planned on its own loads (the training loop's rule)."""
+    def decide(it: int, ranks: list[list[int]], loads: LoadStats):
         start = time.perf_counter()
-        p = propose(widths, loads.ema, ep, ranks, policy="planner", min_gain=min_gain,
-                    move_slack=move_slack)
+        p = propose_layers(widths, _layer_loads(loads, ranks), ep, ranks, policy="planner", min_gain=min_gain,
+                           move_slack=move_slack, max_move_fraction=max_move)
         return (p.ranks if p.migrate else None), time.perf_counter() - start
+    return decide
+
+
+def shared_planner_policy(widths: list[int], ep: int, min_gain: float, move_slack: float) -> Decide:
+    """One placement for every layer, planned on the loads summed over layers (for comparison:
+    what training did before placements were per layer)."""
+    def decide(it: int, ranks: list[list[int]], loads: LoadStats):
+        start = time.perf_counter()
+        total = np.sum([v for v in loads.layers.values()], axis=0).tolist()
+        p = propose(widths, total, ep, ranks[0], policy="planner", min_gain=min_gain, move_slack=move_slack)
+        return ([list(p.ranks)] * len(ranks) if p.migrate else None), time.perf_counter() - start
     return decide
 
 
 def random_policy(widths: list[int], ep: int, seed: int) -> Decide:
     rng = random.Random(seed)
 
-    def decide(it: int, ranks: list[int], loads: LoadStats):
+    def decide(it: int, ranks: list[list[int]], loads: LoadStats):
         start = time.perf_counter()
-        p = propose(widths, loads.ema, ep, ranks, policy="random", rng=rng)
+        p = propose_layers(widths, _layer_loads(loads, ranks), ep, ranks, policy="random", rng=rng)
         return (p.ranks if p.migrate else None), time.perf_counter() - start
     return decide
 
 
+def _hindsight(trace: dict, ep: int, window: np.ndarray) -> list[list[int]]:
+    """Every layer's plan for these steps' own tokens ([steps, layers, n])."""
+    return [list(plan_placement(trace["widths"], np.maximum(window[:, layer].sum(0), 1e-9), ep).rank_of_expert)
+            for layer in range(window.shape[1])]
+
+
 def oracle(trace: dict, ep: int) -> dict:
-    """Each step on the planner's plan for that step's own tokens (hindsight, per step)."""
+    """Each step on the planner's per-layer plans for that step's own tokens (hindsight)."""
     w = np.asarray(trace["widths"], dtype=np.float64)
     imb, plan_s = [], []
     for step in trace["tokens_np"]:
         start = time.perf_counter()
-        ranks = plan_placement(trace["widths"], np.maximum(step.sum(0), 1e-9), ep).rank_of_expert
+        ranks = _hindsight(trace, ep, step[None])
         plan_s.append(time.perf_counter() - start)
         imb.append(step_imbalance(w, step, ranks, ep))
     return summary(imb) | {"planner_calls": len(plan_s),
                            "planning_ms_per_call_mean": 1e3 * float(np.mean(plan_s))}
 
 
+def window_oracle(trace: dict, ep: int, interval: int) -> dict:
+    """Each window of ``interval`` steps on the planner's per-layer plans for that window's own
+    tokens (hindsight): the best any placement held fixed for ``interval`` steps can do, so what
+    re-planning every ``interval`` steps could reach with perfect load prediction."""
+    w = np.asarray(trace["widths"], dtype=np.float64)
+    tokens = trace["tokens_np"]
+    imb = []
+    for first in range(0, len(tokens), interval):
+        window = tokens[first:first + interval]
+        ranks = _hindsight(trace, ep, window)
+        imb += [step_imbalance(w, step, ranks, ep) for step in window]
+    return summary(imb)
+
+
 def run(trace: dict, ep: int, intervals: Sequence[int], min_gain: float, move_slack: float,
-        decay: float) -> dict:
+        decay: float, max_moves: Sequence[float] = (1.0,)) -> dict:
     from modse_megatron.placement.layout import resolve_ranks
 
     widths = trace["widths"]
@@ -247,10 +325,15 @@ def run(trace: dict, ep: int, intervals: Sequence[int], min_gain: float, move_sl
                            "initial_placement": list(start)}
     policies = {"static": replay(trace, ep, start, None, 1, decay)}
     for k in intervals:
-        policies[f"planner_every_{k}"] = replay(
-            trace, ep, start, planner_policy(widths, ep, min_gain, move_slack), k, decay)
+        for f in max_moves:
+            name = f"planner_every_{k}" + ("" if f >= 1 else f"_max_move_{f:g}")
+            policies[name] = replay(trace, ep, start, planner_policy(widths, ep, min_gain, move_slack, f),
+                                    k, decay)
+        policies[f"shared_planner_every_{k}"] = replay(
+            trace, ep, start, shared_planner_policy(widths, ep, min_gain, move_slack), k, decay)
         policies[f"random_every_{k}"] = replay(
             trace, ep, start, random_policy(widths, ep, trace["seed"]), k, decay)
+        policies[f"window_oracle_{k}"] = window_oracle(trace, ep, k)
     policies["per_step_oracle"] = oracle(trace, ep)
     out["policies"] = policies
     static = policies["static"]["imbalance_mean"]
@@ -274,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "of two >= 2 leaving >= 4 experts per rank)")
     parser.add_argument("--min-gain", type=float, default=0.03)
     parser.add_argument("--move-slack", type=float, default=0.01)
+    parser.add_argument("--max-move", default="1,0.1",
+                        help="comma-separated --moe-replan-max-move values to compare (1 = no limit)")
     parser.add_argument("--ema-decay", type=float, default=0.5, help="as --moe-replan-ema-decay (its default)")
     parser.add_argument("--synthetic", default=",".join(SYNTHETIC),
                         help=f"synthetic Zipf-drift scenarios to add (of {', '.join(SYNTHETIC)}; '' for none)")
@@ -286,14 +371,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     begin = time.perf_counter()
     intervals = [int(x) for x in args.intervals.split(",") if x.strip()]
+    max_moves = [float(x) for x in args.max_move.split(",") if x.strip()]
     result: dict[str, Any] = {
         "benchmark": "expert re-planning replayed on recorded routing traces",
         "settings": {"intervals": intervals, "min_gain": args.min_gain,
-                     "move_slack": args.move_slack, "ema_decay": args.ema_decay},
+                     "move_slack": args.move_slack, "ema_decay": args.ema_decay,
+                     "max_move": max_moves},
         "traces": {},
     }
     traces = [(Path(p).name, lambda p=p: load_trace(Path(p))) for p in args.traces.split(",") if p.strip()]
-    traces += [(name, lambda e=e, ep=ep: zipf_drift_trace(e, ep)) for name, (e, ep) in SYNTHETIC.items()
+    traces += [(name, lambda kw=kw: zipf_drift_trace(**kw)) for name, kw in SYNTHETIC.items()
                if name in args.synthetic.split(",")]
     for name, make in traces:
         trace = make()
@@ -306,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "moe_layers": len(trace["layers"]), "widths": trace["widths"],
             "recorded_ep": trace["ep"],
             "by_ep": {str(ep): run(trace, ep, intervals, args.min_gain, args.move_slack,
-                                   args.ema_decay) for ep in eps},
+                                   args.ema_decay, max_moves) for ep in eps},
         }
     result["wall_s"] = time.perf_counter() - begin
     print(json.dumps(result, indent=2))
