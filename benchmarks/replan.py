@@ -27,7 +27,7 @@ Policies:
   uniform loads, equal memory per rank) for the whole run;
 * ``planner_every_K``: ``propose_layers(policy="planner")`` on each layer's moving average every
   K iterations, migrating a layer when its predicted max-rank compute improves by more than
-  ``--min-gain`` (the training defaults: min gain 0.03, move slack 0.01), with no move limit;
+  ``--min-gain`` (the training defaults: min gain 0.02, move slack 0.01), with no move limit;
 * ``planner_every_K_max_move_F``: the same with ``--moe-replan-max-move F`` (a re-plan moves at
   most that share of a layer's expert bytes; the training default is 0.1; ``--max-move`` lists
   the values compared);
@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--intervals", default="10,50", help="re-plan every K iterations")
     parser.add_argument("--ep", default="", help="EP sizes to replay at (default: every power "
                         "of two >= 2 leaving >= 4 experts per rank)")
-    parser.add_argument("--min-gain", type=float, default=0.03)
+    parser.add_argument("--min-gain", type=float, default=0.02, help="as --moe-replan-min-gain (its default)")
     parser.add_argument("--move-slack", type=float, default=0.01)
     parser.add_argument("--max-move", default="1,0.1",
                         help="comma-separated --moe-replan-max-move values to compare (1 = no limit)")

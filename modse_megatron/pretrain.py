@@ -287,26 +287,12 @@ def _replan_at_load(args: PretrainArgs):
 def _replanner(args: PretrainArgs, config, vocab_rows: int, trainer, metrics, loads, tokenizer):
     """The Replanner with its migration: save the whole state, rebuild with the new placement,
     load it back (see modse_megatron.training.replanning)."""
-    import torch.distributed as dist
-
-    from modse_megatron.placement.layout import format_layer_ranks, resolve_layer_ranks
-    from modse_megatron.training import checkpointing, replanning
-    from modse_megatron.training.model import build_model, wrap_and_optimize
+    from modse_megatron.placement.layout import resolve_layer_ranks
+    from modse_megatron.training import replanning
 
     def migrate(ranks: list[list[int]]) -> None:
-        root = replanning.migration_dir(args)
-        if dist.get_rank() == 0:
-            replanning.clear_migration_dir(root)
-        dist.barrier()
-        checkpointing.save_checkpoint(str(root), trainer.state.iteration, trainer.ddp, trainer.optimizer,
-                                      trainer.scheduler, _save_meta(args, trainer, tokenizer))
-        args.modse.moe_expert_placement = format_layer_ranks(ranks)
-        ddp, optimizer, scheduler = wrap_and_optimize(args, config, build_model(args, config, vocab_rows))
-        checkpointing.load_checkpoint(str(root), ddp, optimizer, scheduler, verify=False)
-        trainer.swap(ddp, optimizer, scheduler)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            replanning.clear_migration_dir(root)
+        trainer.swap(*replanning.migrate(args, config, vocab_rows, ranks, trainer.state.iteration, trainer.ddp,
+                                         trainer.optimizer, trainer.scheduler, _save_meta(args, trainer, tokenizer)))
 
     widths, ep, layers = args.expert_widths(), args.parallel.expert_model_parallel_size, args.moe_layer_numbers()
     ranks = resolve_layer_ranks(args.modse.moe_expert_placement, widths, ep, len(layers))

@@ -100,7 +100,7 @@ def random_equal_memory(widths: Sequence[int], ep: int, rng: random.Random) -> l
 
 
 def propose(widths: Sequence[int], loads: Sequence[float], ep: int, current: Sequence[int], *,
-            policy: str = "planner", min_gain: float = 0.03, move_slack: float = 0.01,
+            policy: str = "planner", min_gain: float = 0.02, move_slack: float = 0.01,
             max_move_fraction: float = 1.0, rng: random.Random | None = None) -> Proposal:
     """A placement of one layer for ``loads`` and whether to migrate to it (see the module
     docstring).  ``max_move_fraction`` does not apply to ``policy="random"``."""

@@ -114,6 +114,31 @@ class Replanner:
                 f"let re-planning move more per migration")
 
 
+def migrate(args, config, vocab_rows: int, ranks: list[list[int]], iteration: int, ddp, optimizer, scheduler,
+            meta: dict[str, Any]):
+    """Move a run to the per-layer placements ``ranks`` at an iteration boundary (steps 1-3 of the
+    module docstring); returns the new ``(ddp, optimizer, scheduler)``. Collective: every rank
+    calls it with the same arguments."""
+    import torch.distributed as dist
+
+    from modse_megatron.placement.layout import format_layer_ranks
+    from modse_megatron.training import checkpointing
+    from modse_megatron.training.model import build_model, wrap_and_optimize
+
+    root = migration_dir(args)
+    if dist.get_rank() == 0:
+        clear_migration_dir(root)
+    dist.barrier()
+    checkpointing.save_checkpoint(str(root), iteration, ddp, optimizer, scheduler, meta)
+    args.modse.moe_expert_placement = format_layer_ranks(ranks)
+    ddp, optimizer, scheduler = wrap_and_optimize(args, config, build_model(args, config, vocab_rows))
+    checkpointing.load_checkpoint(str(root), ddp, optimizer, scheduler, verify=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        clear_migration_dir(root)
+    return ddp, optimizer, scheduler
+
+
 def migration_dir(args) -> Path:
     """Where the migration checkpoint goes: a directory every rank can reach (under --save, else
     under --log-dir)."""
