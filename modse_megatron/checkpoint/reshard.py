@@ -10,8 +10,9 @@ and Adam moment), except for two things that depend on how many optimizers megat
   EP = 1 often one, so a checkpoint's keys did not exist under the other layout
   (``KeyError: optimizer.state.param... not in state dict``). New checkpoints are saved without
   the prefix (:data:`OPTIMIZER_METADATA`); :func:`match_optimizer_keys` maps older ones.
-* **the common part** (``param_groups`` with ``step``/``lr``, sharding type) is stored per chained
-  optimizer as ``{0: ..., 1: ...}`` or unindexed for one optimizer. :func:`adapt_optimizer_common`
+* **the common part** (``param_groups`` with ``step``/``lr``, sharding type; the plain optimizer's
+  ``state.common_step``) is stored per chained optimizer as ``{0: ..., 1: ...}`` or unindexed for
+  one optimizer. :func:`adapt_optimizer_common`
   rebuilds it for the target's optimizers, matching groups by megatron's own identity keys
   (``param_group_identifier_keys``: wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr).
 """
@@ -73,6 +74,11 @@ def adapt_optimizer_common(common_optimizer: Any, optimizer: Any) -> Any:
         for group in sub.get("optimizer", {}).get("param_groups", []):
             saved_groups.setdefault(_identity(group), group)
     extras = {k: v for k, v in subs[0].items() if k != "optimizer"}
+    # The plain (non-distributed) optimizer keeps Adam's step beside the tensors, as one
+    # ``state.common_step`` per optimizer (megatron's MixedPrecisionOptimizer.sharded_state_dict);
+    # every chained optimizer steps together, so any saved one serves all.
+    steps = [sub.get("optimizer", {}).get("state", {}).get("common_step") for sub in subs]
+    common_step = next((step for step in steps if step is not None), None)
     targets = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     adapted = []
     for target in targets:
@@ -84,5 +90,8 @@ def adapt_optimizer_common(common_optimizer: Any, optimizer: Any) -> Any:
                     f"the checkpoint has no optimizer state for parameter group {identity} (wd_mult, lr_mult, "
                     f"expert-parallel, decoupled-lr) of this model: resume with --finetune (weights only)")
             groups.append(dict(saved_groups[identity]))
-        adapted.append({**extras, "optimizer": {"param_groups": groups}})
+        common = {"param_groups": groups}
+        if common_step is not None:
+            common["state"] = {"common_step": common_step}
+        adapted.append({**extras, "optimizer": common})
     return adapted[0] if len(targets) == 1 else dict(enumerate(adapted))

@@ -3,7 +3,7 @@ expert's state: after moving experts between the 2 EP ranks (a different placeme
 every logical tensor of the model and of the distributed optimizer (weights, fp32 main params,
 Adam moments) equals what it was before, element for element, although it now lives on another
 rank. Each rank reports its pieces of megatron's own sharded state dicts; the test assembles the
-global tensors."""
+global tensors. Both optimizers: the distributed one (fp32) and the plain one (bf16)."""
 import torch
 
 EIGHT = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -40,7 +40,7 @@ def _local_experts(ddp) -> list[list[int]]:
     return [list(layer.mlp.experts.logical_ids) for layer in model.decoder.layers]
 
 
-def _migrate_after_a_step(save_dir: str, bf16: bool) -> dict:
+def _migrate_after_a_step(save_dir: str, extra: list[str]) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -48,7 +48,7 @@ def _migrate_after_a_step(save_dir: str, bf16: bool) -> dict:
     from modse_megatron.training.arguments import parse_args
     from modse_megatron.training.model import build_model, transformer_config, wrap_and_optimize
 
-    args = parse_args([*EIGHT, "--moe-expert-placement", START, "--save", save_dir, *(["--bf16"] if bf16 else [])])
+    args = parse_args([*EIGHT, "--moe-expert-placement", START, "--save", save_dir, *extra])
     config = transformer_config(args)
     ddp, optimizer, scheduler = wrap_and_optimize(args, config, build_model(args, config, 128))
     # One real update (Adam moments and expert bias move away from their initial values).
@@ -102,9 +102,13 @@ def _check(results: list[dict]) -> None:
     assert rank0["local_before"][0] != rank0["local_after"][0] and rank0["local_before"][1] != rank0["local_after"][1]
 
 
-def test_migration_keeps_every_expert_state_fp32(dist2, tmp_path):
-    _check(dist2.run(_migrate_after_a_step, str(tmp_path), False, ep=2, timeout=240))
+def test_migration_keeps_every_expert_state_distributed_optimizer(dist2, tmp_path):
+    """fp32 with megatron's distributed optimizer (ZeRO-1: state sharded over DP ranks)."""
+    _check(dist2.run(_migrate_after_a_step, str(tmp_path), [], ep=2, timeout=240))
 
 
-def test_migration_keeps_every_expert_state_bf16(dist2, tmp_path):
-    _check(dist2.run(_migrate_after_a_step, str(tmp_path), True, ep=2, timeout=240))
+def test_migration_keeps_every_expert_state_plain_optimizer_bf16(dist2, tmp_path):
+    """bf16 with the plain optimizer (fp32 main params kept beside the bf16 weights). bf16 with the
+    distributed optimizer migrates in tests/training/test_replan_training.py (equal losses)."""
+    _check(dist2.run(_migrate_after_a_step, str(tmp_path), ["--bf16", "--no-use-distributed-optimizer"], ep=2,
+                     timeout=240))
