@@ -59,8 +59,9 @@ def build_parser():
     s = sub.add_parser("export", help="safetensors + config.json (one tensor per logical expert at its width)")
     s.add_argument("ckpt")
     s.add_argument("out_dir")
-    s.add_argument("--max-shard-size", type=_size, default="2GB", help="split files above this size (default 2GB); export holds one file in memory, so the largest "
-                   "tensor's size bounds memory by that tensor")
+    s.add_argument("--max-shard-size", type=_size, default="2GB",
+                   help="split files above this size (default 2GB); export holds one file in memory, so the "
+                   "largest tensor's size bounds memory by that tensor")
     s.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
     s = sub.add_parser("import", help="an export (or megatron uniform-MoE / dense checkpoint) -> a checkpoint root")
     s.add_argument("source", help="export directory, or a megatron checkpoint with --from megatron-moe/--upcycle")

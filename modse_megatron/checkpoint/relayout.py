@@ -26,9 +26,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _target_args(args, tp: int, pp: int, ep: int, etp: int | None, placement: str | None, dtype: str | None):
-    from modse_megatron.training.arguments import ConfigError, validate
-
     from modse_megatron.placement.layout import PLACEMENT_MODES
+    from modse_megatron.training.arguments import ConfigError, validate
 
     target = copy.deepcopy(args)
     p = target.parallel

@@ -12,9 +12,9 @@ and Adam moment), except for two things that depend on how many optimizers megat
   the prefix (:data:`OPTIMIZER_METADATA`); :func:`match_optimizer_keys` maps older ones.
 * **the common part** (``param_groups`` with ``step``/``lr``, sharding type; the plain optimizer's
   ``state.common_step``) is stored per chained optimizer as ``{0: ..., 1: ...}`` or unindexed for
-  one optimizer. :func:`adapt_optimizer_common`
-  rebuilds it for the target's optimizers, matching groups by megatron's own identity keys
-  (``param_group_identifier_keys``: wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr).
+  one optimizer. :func:`adapt_optimizer_common` rebuilds it for the target's optimizers, matching
+  groups by megatron's own identity keys (``param_group_identifier_keys``: wd_mult, lr_mult,
+  is_expert_parallel, is_decoupled_lr).
 """
 from __future__ import annotations
 
