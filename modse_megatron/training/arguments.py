@@ -140,8 +140,8 @@ class RunArgs:
     moe_replan_interval: int = _opt(0, "Re-plan the expert placement from the observed loads every n steps and "
                                        "migrate experts live when it pays (0 = off).")
     moe_replan_min_gain: float = _opt(0.02, "Migrate a layer only when its predicted max-rank compute improves by more "
-                                            "than this fraction (0.02 beat 0.03 on every trace of benchmarks/replan.py: "
-                                            "with the move budget each migration is a smaller step).")
+                                            "than this fraction (0.02 was as good as 0.03 or better on every trace of "
+                                            "benchmarks/replan.py: with the move budget each migration is a smaller step).")
     moe_replan_policy: str = _opt("planner", "planner (the C++ planner on the observed loads) or random (a random "
                                              "equal-memory placement every time: tests migration).",
                                   choices=("planner", "random"))
