@@ -158,7 +158,7 @@ class RunArgs:
                                                       "(exercises the non-finite handling end to end).")
     debug_router_logit_bias: list[float] | None = _opt(None, "Testing aid: a constant added to the router logit of "
                                                              "each logical expert (one per expert), to skew routing on "
-                                                             "purpose (e.g. for benchmarks/replan.py's busy-time run).")
+                                                             "purpose (benchmarks/replan_busy.py).")
     debug_die_during_save: int | None = _opt(None, "Testing aid: the last rank exits (code 9) in the middle of the "
                                                    "save of this iteration, after writing its part, as a rank killed "
                                                    "mid-save would.")
