@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,14 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(extra: list[str], iters: int, log_dir: Path) -> list[float]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "modse_megatron.pretrain", "--config", str(CONFIG), "--train-iters", str(iters),
            "--lr-warmup-iters", "1", "--eval-interval", str(iters + 1), "--eval-iters", "1", "--no-progress",
            "--log-dir", str(log_dir), *extra]

@@ -67,7 +67,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from modse_megatron.moe.replan import LoadStats, propose, propose_layers
+from modse_megatron.moe.replan import LoadStats, layer_imbalance, propose, propose_layers, summed_imbalance
 from modse_megatron.placement import plan_placement
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -163,24 +163,15 @@ def load_trace(path: Path) -> dict:
 # ----------------------------------------------------------------------------- replay
 
 
-def step_imbalance(widths: np.ndarray, tokens: np.ndarray, ranks: Sequence[Sequence[int]], ep: int) -> float:
-    """The step's imbalance when every MoE layer waits for its slowest EP rank: sum over layers
-    of the slowest rank's tokens x width / sum of the mean rank's ([layers, n] tokens, one
-    placement per layer)."""
-    slowest = mean = 0.0
-    for layer_tokens, layer_ranks in zip(tokens, ranks):
-        compute = np.bincount(np.asarray(layer_ranks), weights=layer_tokens * widths, minlength=ep)
-        slowest += compute.max()
-        mean += compute.mean()
-    return float(slowest / mean) if mean > 0 else 1.0
+def step_imbalance(widths: Sequence[int], tokens: np.ndarray, ranks: Sequence[Sequence[int]], ep: int) -> float:
+    """The step's imbalance as every MoE layer waits for its slowest EP rank ([layers, n] tokens,
+    one placement per layer): the training rows' ``compute_layer_max_over_mean``."""
+    return layer_imbalance(widths, tokens.tolist(), ranks, ep)
 
 
-def rank_sum_imbalance(widths: np.ndarray, tokens: np.ndarray, ranks: Sequence[Sequence[int]], ep: int) -> float:
-    """max / mean over EP ranks of each rank's tokens x width summed over layers (what the
-    training rows call compute_max_over_mean): blind to layers that wait on different ranks."""
-    compute = sum(np.bincount(np.asarray(r), weights=t * widths, minlength=ep) for t, r in zip(tokens, ranks))
-    mean = compute.mean()
-    return float(compute.max() / mean) if mean > 0 else 1.0
+def rank_sum_imbalance(widths: Sequence[int], tokens: np.ndarray, ranks: Sequence[Sequence[int]], ep: int) -> float:
+    """Each rank's compute summed over layers, max / mean: the training rows' ``compute_max_over_mean``."""
+    return summed_imbalance(widths, tokens.tolist(), ranks, ep)
 
 
 def moved_bytes(trace: dict, widths: Sequence[int], old: Sequence[int], new: Sequence[int]) -> int:
@@ -198,7 +189,6 @@ def replay(trace: dict, ep: int, start: list[int], decide: Decide | None,
            interval: int, decay: float) -> dict:
     """Per-step imbalance, migrations and planning time of one policy over the trace."""
     widths = trace["widths"]
-    w = np.asarray(widths, dtype=np.float64)
     tokens = trace["tokens_np"]
     names = [str(layer) for layer in trace["layers"]]
     loads = LoadStats(len(widths), decay)
@@ -207,8 +197,8 @@ def replay(trace: dict, ep: int, start: list[int], decide: Decide | None,
     migrations = moved_experts = moved = 0
     layer_bytes = moved_bytes(trace, widths, [0] * len(widths), [1] * len(widths))  # one layer, every expert
     for i, it in enumerate(trace["iterations"]):
-        imb.append(step_imbalance(w, tokens[i], ranks, ep))
-        summed.append(rank_sum_imbalance(w, tokens[i], ranks, ep))
+        imb.append(step_imbalance(widths, tokens[i], ranks, ep))
+        summed.append(rank_sum_imbalance(widths, tokens[i], ranks, ep))
         loads.update({name: tokens[i, layer] for layer, name in enumerate(names)})
         if decide is None or it % interval or i == len(trace["iterations"]) - 1:
             continue
@@ -290,13 +280,12 @@ def _hindsight(trace: dict, ep: int, window: np.ndarray) -> list[list[int]]:
 
 def oracle(trace: dict, ep: int) -> dict:
     """Each step on the planner's per-layer plans for that step's own tokens (hindsight)."""
-    w = np.asarray(trace["widths"], dtype=np.float64)
     imb, plan_s = [], []
     for step in trace["tokens_np"]:
         start = time.perf_counter()
         ranks = _hindsight(trace, ep, step[None])
         plan_s.append(time.perf_counter() - start)
-        imb.append(step_imbalance(w, step, ranks, ep))
+        imb.append(step_imbalance(trace["widths"], step, ranks, ep))
     return summary(imb) | {"planner_calls": len(plan_s),
                            "planning_ms_per_call_mean": 1e3 * float(np.mean(plan_s))}
 
@@ -305,13 +294,12 @@ def window_oracle(trace: dict, ep: int, interval: int) -> dict:
     """Each window of ``interval`` steps on the planner's per-layer plans for that window's own
     tokens (hindsight): the best any placement held fixed for ``interval`` steps can do, so what
     re-planning every ``interval`` steps could reach with perfect load prediction."""
-    w = np.asarray(trace["widths"], dtype=np.float64)
     tokens = trace["tokens_np"]
     imb = []
     for first in range(0, len(tokens), interval):
         window = tokens[first:first + interval]
         ranks = _hindsight(trace, ep, window)
-        imb += [step_imbalance(w, step, ranks, ep) for step in window]
+        imb += [step_imbalance(trace["widths"], step, ranks, ep) for step in window]
     return summary(imb)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,15 +39,9 @@ MODEL = ["--num-layers", "2", "--hidden-size", "256", "--num-attention-heads", "
          "--micro-batch-size", "8", "--global-batch-size", "16", "--lr", "1e-3", "--lr-warmup-iters", "1"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(extra: list[str], iters: int, bias: float, log_dir: Path) -> list[dict]:
     skew = ",".join(str(bias if e in (0, 2) else 0.0) for e in range(8))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "modse_megatron.pretrain", *MODEL, "--train-iters", str(iters), "--eval-interval", str(iters + 1),
            "--eval-iters", "1", "--no-progress", "--no-loss-plot", "--log-dir", str(log_dir),
            "--debug-router-logit-bias", skew, *extra]

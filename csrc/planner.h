@@ -166,24 +166,20 @@ struct Layer {
   // stage, bin b stays on rank b.
   LayerPlan finish(Candidate c, bool keep_bins = false) const {
     LayerPlan p;
-    std::vector<int> node_of_bin(R, 0);
-    if (keep_bins) {
-      for (int b = 0; b < R; ++b) node_of_bin[b] = b / g;
-      p.node_inflow_bound = N > 1 ? cardinality_lower_bound(t, N, k * g) : 0.0;
-      if (N == 1)
-        for (double x : t) p.node_inflow_bound += x;
-    } else if (N > 1) {
-      std::vector<double> bin_inflow = bin_sums(t, c.bin_of, R);
-      std::vector<int> initial(R);
-      for (int b = 0; b < R; ++b) initial[b] = b / g;  // a warm candidate's bins are old ranks
-      node_of_bin = group_bins_into_nodes(bin_inflow, N, g,
-                                          c.method == Method::kPrevious ? &initial : nullptr,
-                                          max_iters);
+    std::vector<int> node_of_bin(R);
+    for (int b = 0; b < R; ++b) node_of_bin[b] = b / g;  // a warm candidate's bins are old ranks
+    if (N > 1) {
       p.node_inflow_bound = cardinality_lower_bound(t, N, k * g);
-      refine_node_inflow(t, w, cls, c.bin_of, node_of_bin, R, N, c.value,
-                         p.node_inflow_bound * (1.0 + kNodeGoodEnough), max_iters, distinct);
     } else {
       for (double x : t) p.node_inflow_bound += x;
+    }
+    if (N > 1 && !keep_bins) {
+      const std::vector<int> initial = node_of_bin;
+      node_of_bin = group_bins_into_nodes(bin_sums(t, c.bin_of, R), N, g,
+                                          c.method == Method::kPrevious ? &initial : nullptr,
+                                          max_iters);
+      refine_node_inflow(t, w, cls, c.bin_of, node_of_bin, R, N, c.value,
+                         p.node_inflow_bound * (1.0 + kNodeGoodEnough), max_iters, distinct);
     }
     std::vector<int> rank_of_bin(R);
     if (keep_bins)
@@ -441,14 +437,15 @@ inline LayerPlan solve_layer(const double* sizes, const double* loads, const int
     plans.push_back(std::move(p));
   }
   const bool any_within = std::any_of(plans.begin(), plans.end(), within);
+  auto eligible = [&](const LayerPlan& p) { return !any_within || within(p); };
   double best_value = std::numeric_limits<double>::infinity();
   for (const auto& p : plans)
-    if (!any_within || within(p)) best_value = std::min(best_value, p.max_compute);
+    if (eligible(p)) best_value = std::min(best_value, p.max_compute);
   const double accept = best_value * (1.0 + o.move_slack) + eps_of(best_value);
   LayerPlan best;
   bool have = false;
   for (auto& p : plans) {
-    if ((any_within && !within(p)) || (any_within && p.max_compute > accept)) continue;
+    if (!eligible(p) || p.max_compute > accept) continue;
     const bool better = !have || p.moved_bytes < best.moved_bytes ||
                         (p.moved_bytes == best.moved_bytes && p.max_compute < best.max_compute);
     if (better) {

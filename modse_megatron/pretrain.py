@@ -244,13 +244,6 @@ def _save_meta(args: PretrainArgs, trainer, tokenizer) -> dict:
     return meta
 
 
-def _tracks_placement(args: PretrainArgs) -> bool:
-    """MoDSE experts over several EP ranks: loads and compute imbalance are logged (and
-    re-planned from with --moe-replan-interval)."""
-    return bool(args.model.num_experts) and args.model.moe_layer_impl == "modse" and \
-        args.parallel.expert_model_parallel_size > 1
-
-
 def _replan_at_load(args: PretrainArgs):
     """The per-layer load statistics a resumed checkpoint recorded; with --moe-replan-interval,
     resume with placements planned for them (the checkpoint itself is placement-free).
@@ -260,7 +253,7 @@ def _replan_at_load(args: PretrainArgs):
     from modse_megatron.training import checkpointing
 
     r = args.run
-    if not _tracks_placement(args):
+    if not args.places_experts():
         return None, None
     loads = LoadStats(args.model.num_experts, r.moe_replan_ema_decay)
     if not r.load or r.finetune or checkpointing.latest_iteration(r.load) is None:

@@ -116,7 +116,7 @@ def import_megatron(source: str | os.PathLike, out_root: str | os.PathLike, *, u
                         put(key, tensor[layer], layer)
                 else:
                     put(key, tensor)
-            moe_layers = [i for i in range(num_layers) if i % target.model.moe_layer_freq == 0]
+            moe_layers = [n - 1 for n in target.moe_layer_numbers()]
             if expert_of is not None:
                 for layer in moe_layers:
                     for e in range(target.model.num_experts):

@@ -146,6 +146,18 @@ def propose_layers(widths: Sequence[int], loads: Sequence[Sequence[float] | None
     return LayerProposals(ranks, changed)
 
 
+def summed_imbalance(widths: Sequence[int], tokens: Sequence[Sequence[float]], ranks: Sequence[Sequence[int]],
+                     ep: int) -> float:
+    """max / mean over EP ranks of each rank's compute summed over MoE layers (blind to layers
+    that wait on different ranks; see :func:`layer_imbalance`)."""
+    summed = [0.0] * ep
+    for layer_tokens, layer_ranks in zip(tokens, ranks):
+        for r, c in enumerate(rank_compute(widths, layer_tokens, layer_ranks, ep)):
+            summed[r] += c
+    mean = sum(summed) / ep
+    return max(summed) / mean if mean > 0 else 1.0
+
+
 def layer_imbalance(widths: Sequence[int], tokens: Sequence[Sequence[float]], ranks: Sequence[Sequence[int]],
                     ep: int) -> float:
     """Sum over MoE layers of the slowest EP rank's compute / sum of the mean rank's: the step's

@@ -192,6 +192,12 @@ class PretrainArgs:
             parts.append(section(**values))
         return cls(*parts)
 
+    def places_experts(self) -> bool:
+        """MoDSE experts spread over several EP ranks: placement matters (loads and compute
+        imbalance are logged, --moe-replan-interval may move experts)."""
+        return bool(self.model.num_experts) and self.model.moe_layer_impl == "modse" and \
+            self.parallel.expert_model_parallel_size > 1
+
     def moe_layer_numbers(self) -> list[int]:
         """1-based numbers of the MoE layers (megatron's ``moe_layer_freq`` pattern; [] if dense)."""
         from modse_megatron.config import moe_layer_indices
@@ -410,7 +416,7 @@ def validate(args: PretrainArgs) -> None:
     if r.debug_router_logit_bias is not None and (m.moe_layer_impl != "modse" or len(r.debug_router_logit_bias) != (m.num_experts or 0)):
         raise ConfigError(f"--debug-router-logit-bias gives {len(r.debug_router_logit_bias)} values: it needs a MoDSE MoE "
                           f"model (--moe-layer-impl modse) and one value per expert (--num-experts {m.num_experts})")
-    if r.moe_replan_interval and (not m.num_experts or m.moe_layer_impl != "modse" or p.expert_model_parallel_size < 2):
+    if r.moe_replan_interval and not args.places_experts():
         raise ConfigError("--moe-replan-interval moves experts between EP ranks: it needs a MoDSE MoE model "
                           "(--num-experts, --moe-layer-impl modse) with --expert-model-parallel-size > 1")
     if o.skip_nonfinite_steps < 0:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from modse_megatron.moe.replan import LoadStats, layer_imbalance, propose_layers
+from modse_megatron.moe.replan import LoadStats, layer_imbalance, propose_layers, summed_imbalance
 
 
 class Replanner:
@@ -59,12 +59,7 @@ class Replanner:
         self.loads.update(tokens)
         zero = [0.0] * len(self.widths)
         per_layer = [[float(c) for c in tokens.get(n, zero)] for n in self.layer_numbers]
-        summed = [0.0] * self.ep
-        for layer_tokens, layer_ranks in zip(per_layer, self.ranks):
-            for e, (w, t) in enumerate(zip(self.widths, layer_tokens)):
-                summed[layer_ranks[e]] += w * t
-        mean = sum(summed) / self.ep
-        record["compute_max_over_mean"] = max(summed) / mean if mean > 0 else 1.0
+        record["compute_max_over_mean"] = summed_imbalance(self.widths, per_layer, self.ranks, self.ep)
         record["compute_layer_max_over_mean"] = layer_imbalance(self.widths, per_layer, self.ranks, self.ep)
 
     def _proposals(self, max_move: float, kw: dict):
